@@ -1,0 +1,118 @@
+"""The ``medseg`` command.
+
+``fit``, ``validate`` and ``test`` go through Lightning's ``LightningCLI`` (YAML configs, ``--print_config``,
+``class_path``/``init_args``); ``demo``, ``make-synthetic`` and ``check-data`` are plain sub-commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+USAGE = """usage: medseg COMMAND [options]
+
+commands:
+  fit             train a model from a YAML config   (medseg fit --config configs/seg3d_unet.yaml)
+  validate        run validation on a checkpoint      (medseg validate --config C.yaml --ckpt_path X.ckpt)
+  test            run the test loop on a checkpoint   (medseg test --config C.yaml --ckpt_path X.ckpt)
+  demo            make a synthetic 3D dataset, train a small 3D U-Net, report held-out Dice
+  make-synthetic  write a synthetic Decathlon-style dataset
+  check-data      read every case of a dataset and report every problem
+
+Run `medseg COMMAND --help` for the options of a command.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``medseg`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    from medseg.data.checks import DataCheckError
+    from medseg.data.datalist import DatasetError
+    from medseg.data.io import ImageReadError
+
+    try:
+        if command in LIGHTNING_COMMANDS:
+            return run_lightning(argv)
+        if command == "demo":
+            return _demo(rest)
+        if command == "make-synthetic":
+            return _make_synthetic(rest)
+        if command == "check-data":
+            return _check_data(rest)
+    except (DataCheckError, DatasetError, ImageReadError) as err:
+        print(f"medseg {command}: {err}", file=sys.stderr)
+        return 2
+    print(f"medseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def run_lightning(argv: list[str]) -> int:
+    """Run ``fit``/``validate``/``test`` through :class:`MedSegCLI`."""
+    from medseg.lightning_cli import MedSegCLI
+
+    MedSegCLI(args=argv)
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from medseg.demo import run_demo
+
+    parser = argparse.ArgumentParser(prog="medseg demo", description=_doc("demo"))
+    parser.add_argument("--out", default="demo_out", help="working folder (dataset, logs, checkpoint)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
+    return 0 if result["mean_dice"] >= 0.0 else 1
+
+
+def _make_synthetic(argv: list[str]) -> int:
+    from medseg.data.synthetic import make_synthetic
+
+    parser = argparse.ArgumentParser(prog="medseg make-synthetic", description=_doc("make-synthetic"))
+    parser.add_argument("--out", required=True, help="dataset folder to write")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=2, help="classes including background for seg")
+    parser.add_argument("--task", choices=("seg", "cls"), default="seg")
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--test-cases", type=int, default=0)
+    parser.add_argument("--size", type=int, nargs="+", default=None, help="image shape, e.g. 48 48 24")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = make_synthetic(
+        args.out, dims=args.dims, cases=args.cases, classes=args.classes, task=args.task, seed=args.seed,
+        size=args.size, channels=args.channels, test_cases=args.test_cases,
+    )
+    print(f"wrote {args.cases} cases: {path}")
+    return 0
+
+
+def _check_data(argv: list[str]) -> int:
+    from medseg.data.checks import check_dataset, format_report
+    from medseg.data.datalist import DatasetError, load_dataset
+
+    parser = argparse.ArgumentParser(prog="medseg check-data", description=_doc("check-data"))
+    parser.add_argument("root", help="dataset folder (with dataset.json / dataset.csv) or the description file")
+    parser.add_argument("--tolerance", type=float, default=1e-3, help="affine/spacing tolerance")
+    args = parser.parse_args(argv)
+    problems = check_dataset(args.root, tolerance=args.tolerance, progress=True)
+    try:
+        n_cases = len(load_dataset(args.root).training)
+    except DatasetError:
+        n_cases = 0
+    print(format_report(problems, n_cases))
+    return 1 if problems else 0
+
+
+def _doc(command: str) -> str:
+    for line in USAGE.splitlines():
+        if line.strip().startswith(command + " "):
+            return line.strip()[len(command) :].strip()
+    return ""

@@ -1,0 +1,209 @@
+"""Dataset descriptions: a Decathlon-style ``dataset.json`` (or a CSV) turned into a list of case dicts.
+
+``dataset.json`` at the dataset root::
+
+    {
+      "name": "...",
+      "task": "segmentation" | "classification",      # optional, default segmentation
+      "labels": {"0": "background", "1": "tumour"},   # index -> name (names -> index is accepted too)
+      "channel_names": {"0": "T1"},                   # or "modality" (the Decathlon key)
+      "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz", "patient": "p1"}, ...],
+      "test": ["imagesTs/b.nii.gz", ...]               # optional; entries may also be {"image": ...}
+    }
+
+``image`` may be a list of files (one per channel). For classification ``label`` is an integer class index.
+A CSV with ``image,label[,patient]`` columns describes a classification dataset (paths relative to the CSV).
+
+Each case is a plain dict ``{"id": str, "image": list[str], "label": str | int | None, "patient": str | None}``
+with absolute paths, so MONAI transforms and the checks can use it directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEGMENTATION = "segmentation"
+CLASSIFICATION = "classification"
+_TASK_ALIASES = {"seg": SEGMENTATION, "segmentation": SEGMENTATION, "cls": CLASSIFICATION, "classification": CLASSIFICATION}
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
+
+
+class DatasetError(ValueError):
+    """The dataset description itself is wrong (missing keys, bad JSON, ...). The message names the file."""
+
+
+@dataclass
+class DatasetSpec:
+    """What a dataset description says.
+
+    Attributes:
+        source: the ``dataset.json`` or CSV file read.
+        task: ``"segmentation"`` or ``"classification"``.
+        labels: class index -> class name, sorted by index (background included for segmentation).
+        channel_names: one name per input channel.
+        training: case dicts of the training list.
+        test: case dicts of the optional test list (``label`` is ``None`` when unknown).
+    """
+
+    source: Path
+    task: str
+    labels: dict[int, str]
+    channel_names: list[str]
+    training: list[dict[str, Any]] = field(default_factory=list)
+    test: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        return self.source.parent
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def label_names(self) -> list[str]:
+        return [self.labels[k] for k in sorted(self.labels)]
+
+
+def case_id(path: str | Path) -> str:
+    """Case identifier from an image file name: ``a/b/case_001_0000.nii.gz`` -> ``case_001_0000``."""
+    name = Path(path).name
+    for suffix in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def find_description(root: str | Path) -> Path:
+    """The description file for ``root``: the file itself, or ``root/dataset.json``, or ``root/dataset.csv``."""
+    root = Path(root)
+    if root.is_file():
+        return root
+    for name in ("dataset.json", "dataset.csv"):
+        if (root / name).is_file():
+            return root / name
+    raise DatasetError(f"{root}: no dataset.json or dataset.csv found (is this the dataset root?)")
+
+
+def load_dataset(root: str | Path) -> DatasetSpec:
+    """Read a dataset description.
+
+    Args:
+        root: dataset folder holding ``dataset.json`` / ``dataset.csv``, or the description file itself.
+
+    Raises:
+        DatasetError: naming the file, when the description is unreadable or lacks what is needed.
+    """
+    source = find_description(root).resolve()
+    if source.suffix.lower() == ".csv":
+        return _load_csv(source)
+    try:
+        meta = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{source}: cannot read dataset description: {err}") from err
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{source}: expected a JSON object at the top level")
+    task = _task(meta.get("task", SEGMENTATION), source)
+    labels = _labels(meta.get("labels"), source)
+    channels = _channels(meta.get("channel_names", meta.get("modality", {"0": "image"})), source)
+    if "training" not in meta or not isinstance(meta["training"], list):
+        raise DatasetError(f"{source}: missing 'training' list")
+    training = [_case(entry, source, task, i, "training") for i, entry in enumerate(meta["training"])]
+    test = [_case(entry, source, task, i, "test") for i, entry in enumerate(meta.get("test", []) or [])]
+    _unique_ids(training, source)
+    return DatasetSpec(source, task, labels, channels, training, test)
+
+
+def _task(value: Any, source: Path) -> str:
+    if value not in _TASK_ALIASES:
+        raise DatasetError(f"{source}: unknown task {value!r}; use 'segmentation' or 'classification'")
+    return _TASK_ALIASES[value]
+
+
+def _labels(value: Any, source: Path) -> dict[int, str]:
+    if not isinstance(value, dict) or not value:
+        raise DatasetError(f"{source}: missing 'labels' (index -> name)")
+    labels: dict[int, str] = {}
+    for key, name in value.items():
+        index, label = (key, name) if _is_int(key) else (name, key)  # nnU-Net v2 writes name -> index
+        if not _is_int(index):
+            raise DatasetError(f"{source}: label entry {key!r}: {name!r} has no integer index")
+        labels[int(index)] = str(label)
+    if sorted(labels) != list(range(len(labels))):
+        raise DatasetError(f"{source}: label indices must be 0..K-1 without gaps, got {sorted(labels)}")
+    return dict(sorted(labels.items()))
+
+
+def _channels(value: Any, source: Path) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, dict) and value and all(_is_int(k) for k in value):
+        return [str(value[k]) for k in sorted(value, key=int)]
+    raise DatasetError(f"{source}: 'channel_names' must map 0..C-1 to names")
+
+
+def _case(entry: Any, source: Path, task: str, index: int, where: str) -> dict[str, Any]:
+    if isinstance(entry, (str, list)):
+        entry = {"image": entry}
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise DatasetError(f"{source}: {where}[{index}] has no 'image'")
+    images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+    if not images:
+        raise DatasetError(f"{source}: {where}[{index}] has an empty image list")
+    label = entry.get("label")
+    if where == "training" and label is None:
+        raise DatasetError(f"{source}: {where}[{index}] ({images[0]}) has no 'label'")
+    if label is not None:
+        if task == CLASSIFICATION:
+            if not _is_int(label):
+                raise DatasetError(f"{source}: {where}[{index}] ({images[0]}) label {label!r} is not a class index")
+            label = int(label)
+        else:
+            label = str((source.parent / str(label)).resolve())
+    return {
+        "id": str(entry.get("id") or case_id(images[0])),
+        "image": [str((source.parent / str(p)).resolve()) for p in images],
+        "label": label,
+        "patient": None if entry.get("patient") is None else str(entry["patient"]),
+    }
+
+
+def _load_csv(source: Path) -> DatasetSpec:
+    try:
+        with source.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as err:
+        raise DatasetError(f"{source}: cannot read: {err}") from err
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise DatasetError(f"{source}: a classification CSV needs 'image' and 'label' columns and at least one row")
+    training = [_case(row, source, CLASSIFICATION, i, "training") for i, row in enumerate(rows)]
+    _unique_ids(training, source)
+    classes = sorted({case["label"] for case in training})
+    labels = {k: str(k) for k in range(max(classes) + 1)}
+    return DatasetSpec(source, CLASSIFICATION, labels, ["image"], training, [])
+
+
+def _unique_ids(cases: list[dict[str, Any]], source: Path) -> None:
+    seen: dict[str, str] = {}
+    for case in cases:
+        if case["id"] in seen:
+            raise DatasetError(
+                f"{source}: two training cases share the id {case['id']!r}: {seen[case['id']]} and {case['image'][0]}"
+            )
+        seen[case["id"]] = case["image"][0]
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()

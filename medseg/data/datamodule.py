@@ -1,0 +1,195 @@
+"""The LightningDataModule: dataset description -> checked case lists -> cached, augmented loaders."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from monai import data as md
+from monai import transforms as mt
+from torch.utils.data import DataLoader
+
+from medseg.data.augment import augmentation_transforms
+from medseg.data.checks import assert_dataset_ok
+from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
+from medseg.data.transforms import Preprocessing, patch_sampling_transforms, preprocess_transforms
+
+CACHE_MODES = ("none", "memory", "disk")
+
+
+class MedSegDataModule(pl.LightningDataModule):
+    """Segmentation or classification data from a Decathlon-style ``dataset.json`` (or a CSV).
+
+    Args:
+        root: dataset folder (holding ``dataset.json``/``dataset.csv``) or the description file.
+        spatial_dims: 2 or 3.
+        patch_size: segmentation: training patch and sliding-window roi; classification: the input size
+            every image is resized to (unless ``preprocessing.resize`` says otherwise).
+        batch_size: training batch size; for segmentation the number of volumes per step, each giving
+            ``samples_per_volume`` patches (so a step sees ``batch_size * samples_per_volume`` patches).
+        samples_per_volume: random patches drawn per loaded volume (segmentation).
+        pos_fraction: share of patches centred on foreground (segmentation).
+        val_fraction: share of patients held out for validation when ``val_cases`` is not given.
+        val_cases: explicit validation case ids (the rest trains); used by cross-validation.
+        cache: ``none``, ``memory`` (MONAI CacheDataset) or ``disk`` (PersistentDataset in ``cache_dir``).
+        cache_rate: share of cases cached in memory.
+        cache_dir: folder of the on-disk cache (default ``<root>/.medseg_cache``).
+        num_workers: DataLoader worker processes.
+        preprocessing: preprocessing spec (see :mod:`medseg.data.transforms`).
+        augmentation: augmentation spec (see :mod:`medseg.data.augment`).
+        check_data: read every case and refuse bad data before training (see ``medseg check-data``).
+        seed: seed of the train/validation split and of the augmentation.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        spatial_dims: int = 3,
+        patch_size: list[int] | None = None,
+        batch_size: int = 2,
+        samples_per_volume: int = 2,
+        pos_fraction: float = 0.67,
+        val_fraction: float = 0.2,
+        val_cases: list[str] | None = None,
+        cache: str = "none",
+        cache_rate: float = 1.0,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        preprocessing: dict[str, Any] | None = None,
+        augmentation: dict[str, dict[str, Any]] | None = None,
+        check_data: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {list(CACHE_MODES)}, got {cache!r}")
+        self.spec: DatasetSpec = load_dataset(root)
+        self.patch_size = list(patch_size or ([96, 96] if spatial_dims == 2 else [64, 64, 32]))
+        if len(self.patch_size) != spatial_dims:
+            raise ValueError(f"patch_size {self.patch_size} needs {spatial_dims} values")
+        prep = Preprocessing.from_dict(preprocessing)
+        if not self.is_segmentation and prep.resize is None:
+            prep.resize = list(self.patch_size)
+        self.preprocessing = prep
+        self.train_cases, self.val_cases = split_cases(self.spec.training, val_fraction, val_cases, seed)
+        self._datasets: dict[str, Any] = {}
+
+    # Values the model needs, linked in the CLI (stated once, in the data config).
+    @property
+    def is_segmentation(self) -> bool:
+        return self.spec.task == SEGMENTATION
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.hparams.spatial_dims
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return self.spec.in_channels
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.spec.label_names
+
+    @property
+    def preprocessing_spec(self) -> dict[str, Any]:
+        return self.preprocessing.to_dict()
+
+    def transforms(self, train: bool) -> mt.Compose:
+        """The transform chain of training (random patches + augmentation) or evaluation (whole images)."""
+        dims = self.hparams.spatial_dims
+        chain = preprocess_transforms(self.preprocessing, self.task, dims)
+        if train:
+            if self.is_segmentation:
+                chain += patch_sampling_transforms(
+                    self.patch_size, self.hparams.pos_fraction, self.hparams.samples_per_volume
+                )
+            chain += augmentation_transforms(self.hparams.augmentation, self.task, dims, self.hparams.seed)
+        return mt.Compose(chain)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.hparams.check_data and not self._datasets:
+            assert_dataset_ok(self.spec.source)
+        for name, cases, train in (("train", self.train_cases, True), ("val", self.val_cases, False)):
+            if name not in self._datasets:
+                self._datasets[name] = self._dataset(cases, self.transforms(train))
+
+    def _dataset(self, cases: list[dict[str, Any]], transform: mt.Compose) -> md.Dataset:
+        items = [self._item(case) for case in cases]
+        if self.hparams.cache == "memory":
+            return md.CacheDataset(items, transform, cache_rate=self.hparams.cache_rate, progress=False)
+        if self.hparams.cache == "disk":
+            cache_dir = Path(self.hparams.cache_dir or self.spec.root / ".medseg_cache")
+            return md.PersistentDataset(items, transform, cache_dir=cache_dir)
+        return md.Dataset(items, transform)
+
+    def _item(self, case: dict[str, Any]) -> dict[str, Any]:
+        image = case["image"] if len(case["image"]) > 1 else case["image"][0]
+        return {"id": case["id"], "image": image, "label": case["label"]}
+
+    def train_dataloader(self) -> DataLoader:
+        return md.DataLoader(
+            self._datasets["train"],
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return md.DataLoader(
+            self._datasets["val"],
+            batch_size=1 if self.is_segmentation else self.hparams.batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def split_cases(
+    cases: list[dict[str, Any]], val_fraction: float, val_ids: list[str] | None, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Deterministic train/validation split that never puts one patient on both sides.
+
+    Args:
+        cases: training case dicts (``id``, ``patient``).
+        val_fraction: share of patients (cases without a patient id count as their own patient) held out.
+        val_ids: explicit validation ids; overrides ``val_fraction``. Unknown ids raise ``ValueError``.
+        seed: shuffling seed.
+    """
+    if val_ids is not None:
+        known = {case["id"] for case in cases}
+        missing = sorted(set(val_ids) - known)
+        if missing:
+            raise ValueError(f"val_cases not in the dataset: {missing}")
+        chosen = set(val_ids)
+        return [c for c in cases if c["id"] not in chosen], [c for c in cases if c["id"] in chosen]
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for case in cases:
+        groups[case["patient"] or f"case:{case['id']}"].append(case)
+    patients = sorted(groups)
+    random.Random(seed).shuffle(patients)
+    n_val = 0 if val_fraction <= 0 else max(1, round(val_fraction * len(patients)))
+    if n_val >= len(patients) and len(patients) > 1:
+        n_val = len(patients) - 1
+    val_patients = set(patients[:n_val])
+    train = [c for c in cases if (c["patient"] or f"case:{c['id']}") not in val_patients]
+    val = [c for c in cases if (c["patient"] or f"case:{c['id']}") in val_patients]
+    return train, val

@@ -1,0 +1,284 @@
+"""Synthetic phantom datasets (NIfTI + ``dataset.json``) for tests, demos and smoke benchmarks.
+
+Segmentation: ``classes - 1`` non-overlapping ellipsoids (ellipses in 2D) of different sizes, random position and
+radii per case, every foreground class present in every case. Each class has its own intensity (the largest
+structure brightest); the image is
+slightly blurred (partial volume), multiplied by a smooth bias field and given Gaussian noise. Class contrast is
+large against the noise, so a small U-Net reaches a high Dice within a couple of CPU minutes.
+
+Classification: case ``i`` has class ``k = i % classes`` and shows ``k + 1`` separate blobs of one fixed size whose
+brightness also rises with ``k`` (two redundant cues: blob count / bright volume and blob intensity), on the same
+noisy, bias-field-modulated background.
+
+Geometry is deliberately not trivial: the affine flips the first axis (LPS-like, negative x), has a non-zero
+origin and anisotropic spacing (3D default ``(1, 1, 2)`` mm), and the structures are round in millimetres, so
+their radii in voxels differ along z.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+
+from medseg.data.datalist import CLASSIFICATION, SEGMENTATION
+from medseg.data.io import write_nifti
+
+_TASKS = {
+    "seg": SEGMENTATION,
+    "segmentation": SEGMENTATION,
+    "cls": CLASSIFICATION,
+    "classification": CLASSIFICATION,
+}
+
+DEFAULT_SIZE: dict[int, tuple[int, ...]] = {3: (48, 48, 24), 2: (64, 64)}
+DEFAULT_SPACING: dict[int, tuple[float, ...]] = {3: (1.0, 1.0, 2.0), 2: (0.8, 0.8)}
+_ORIGIN_SHIFT = (5.0, -10.0, 20.0)  # mm, added to a centred origin so it is never zero
+_BACKGROUND_LEVEL = 0.25
+_NOISE_SIGMA = 0.04  # relative to the brightest class level (1.0)
+_GAIN = 1000.0  # arbitrary "MRI units"
+
+
+def synthetic_affine(size: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """Voxel-to-world matrix of the phantoms: first axis flipped, anisotropic spacing, non-zero origin.
+
+    Args:
+        size: spatial shape ``(X, Y[, Z])``.
+        spacing: voxel size in mm, one per axis of ``size``.
+
+    Returns:
+        ``(4, 4)`` affine (for 2D the third axis gets spacing 1 mm).
+    """
+    dims = len(size)
+    spacing3 = [float(s) for s in spacing] + [1.0] * (3 - dims)
+    size3 = [int(s) for s in size] + [1] * (3 - dims)
+    affine = np.diag([-spacing3[0], spacing3[1], spacing3[2], 1.0])
+    centre = [(n - 1) * s / 2.0 for n, s in zip(size3, spacing3, strict=True)]
+    affine[:3, 3] = [
+        centre[0] + _ORIGIN_SHIFT[0],
+        -centre[1] + _ORIGIN_SHIFT[1],
+        -centre[2] + _ORIGIN_SHIFT[2],
+    ]
+    return affine
+
+
+def make_synthetic(
+    out: str | Path,
+    dims: int = 3,
+    cases: int = 8,
+    classes: int = 2,
+    task: str = "seg",
+    seed: int = 0,
+    size: Sequence[int] | None = None,
+    channels: int = 1,
+    test_cases: int = 0,
+    spacing: Sequence[float] | None = None,
+) -> Path:
+    """Write a synthetic dataset (images, labels, ``dataset.json``) under ``out``.
+
+    Layout: ``imagesTr/case_000.nii.gz`` (``case_000_0000.nii.gz``, ``_0001`` ... when ``channels > 1``),
+    ``labelsTr/case_000.nii.gz`` (segmentation only), ``imagesTs/`` + ``labelsTs/`` for ``test_cases``.
+    Two consecutive cases share a patient id (``p000, p000, p001, ...``). Case ``i`` depends only on ``seed`` and
+    ``i``, so the same seed always gives the same files.
+
+    Segmentation cases hold ``classes - 1`` non-overlapping ellipsoids, the largest one brightest. A classification
+    case of class ``k`` holds ``k + 1`` equal-sized blobs that get brighter with ``k`` (see the module docstring).
+
+    Args:
+        out: dataset root (created).
+        dims: 2 or 3 spatial dimensions. Images are ``(X, Y)`` or ``(X, Y, Z)`` float32 NIfTI arrays.
+        cases: number of training cases.
+        classes: segmentation: label values ``0..classes-1`` including background; classification: classes.
+        task: ``"seg"``/``"segmentation"`` or ``"cls"``/``"classification"``.
+        seed: non-negative seed of the numpy Generator.
+        size: spatial shape, default ``(48, 48, 24)`` in 3D and ``(64, 64)`` in 2D.
+        channels: input channels; each channel maps the classes to intensities differently.
+        test_cases: cases written to ``imagesTs`` and listed under ``"test"`` (with their labels).
+        spacing: voxel size in mm, default ``(1.0, 1.0, 2.0)`` in 3D and ``(0.8, 0.8)`` in 2D.
+
+    Returns:
+        Path of the written ``dataset.json``.
+
+    Raises:
+        ValueError: for an unknown task or inconsistent arguments.
+    """
+    if dims not in DEFAULT_SIZE:
+        raise ValueError(f"make_synthetic: dims must be 2 or 3, got {dims}")
+    if task not in _TASKS:
+        raise ValueError(f"make_synthetic: unknown task {task!r}; use 'seg' or 'cls'")
+    task = _TASKS[task]
+    size = tuple(int(s) for s in (size if size is not None else DEFAULT_SIZE[dims]))
+    spacing = tuple(float(s) for s in (spacing if spacing is not None else DEFAULT_SPACING[dims]))
+    if len(size) != dims or len(spacing) != dims or min(size) < 4 or min(spacing) <= 0:
+        raise ValueError(
+            f"make_synthetic: size {size} / spacing {spacing} must have {dims} entries, size >= 4"
+        )
+    if cases < 1 or test_cases < 0 or classes < 2 or channels < 1 or seed < 0:
+        raise ValueError(
+            "make_synthetic: need cases >= 1, test_cases >= 0, classes >= 2, channels >= 1, seed >= 0"
+        )
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    affine = synthetic_affine(size, spacing)
+    training = []
+    for i in range(cases):
+        entry = _write_case(root, "Tr", i, task, classes, size, spacing, channels, seed, affine)
+        training.append({**entry, "patient": f"p{i // 2:03d}"})
+    test = [
+        _write_case(root, "Ts", cases + i, task, classes, size, spacing, channels, seed, affine)
+        for i in range(test_cases)
+    ]
+    label_names = ["background"] + [f"structure{k}" for k in range(1, classes)]
+    if task == CLASSIFICATION:
+        label_names = [f"class{k}" for k in range(classes)]
+    meta = {
+        "name": "synthetic",
+        "description": f"medseg synthetic {dims}D {task} phantoms (seed {seed})",
+        "task": task,
+        "labels": {str(k): name for k, name in enumerate(label_names)},
+        "channel_names": {str(c): "MRI" if channels == 1 else f"MRI{c}" for c in range(channels)},
+        "file_ending": ".nii.gz",
+        "spacing": list(spacing),
+        "numTraining": cases,
+        "numTest": test_cases,
+        "training": training,
+        "test": test,
+    }
+    path = root / "dataset.json"
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def _write_case(
+    root: Path,
+    split: str,
+    index: int,
+    task: str,
+    classes: int,
+    size: tuple[int, ...],
+    spacing: tuple[float, ...],
+    channels: int,
+    seed: int,
+    affine: np.ndarray,
+) -> dict[str, Any]:
+    """Make and write case ``index`` (its randomness depends only on ``seed`` and ``index``).
+
+    Returns:
+        Its ``dataset.json`` entry ``{"image", "label"}`` with paths relative to ``root``.
+    """
+    rng = np.random.default_rng([seed, index])
+    name = f"case_{index:03d}"
+    if task == SEGMENTATION:
+        label_map = _place_and_rasterize(rng, size, spacing, _segmentation_radii(size, spacing, classes))
+        levels = np.array([_BACKGROUND_LEVEL, *np.linspace(1.0, 0.6, classes - 1)])  # largest is brightest
+        target: Any = f"labels{split}/{name}.nii.gz"
+        write_nifti(label_map, affine, root / target, dtype=np.uint8)
+    else:
+        target = index % classes
+        radius = _classification_radius(size, spacing, classes)
+        radii = [radius * rng.uniform(0.92, 1.08) for _ in range(target + 1)]
+        label_map = np.minimum(_place_and_rasterize(rng, size, spacing, radii), 1)
+        levels = np.array([_BACKGROUND_LEVEL, 0.65 + 0.35 * target / max(classes - 1, 1)])
+    bias = _bias_field(rng, size)
+    files = []
+    for c in range(channels):
+        image = _render(rng, label_map, _channel_levels(levels, c), bias)
+        rel = f"images{split}/{name}.nii.gz" if channels == 1 else f"images{split}/{name}_{c:04d}.nii.gz"
+        write_nifti(image, affine, root / rel, dtype=np.float32)
+        files.append(rel)
+    return {"image": files[0] if channels == 1 else files, "label": target}
+
+
+def _segmentation_radii(size: Sequence[int], spacing: Sequence[float], classes: int) -> list[float]:
+    """Base radius (mm) per foreground class, largest first: from 18% to 10% of the smallest extent."""
+    extent = min(n * s for n, s in zip(size, spacing, strict=True))
+    fractions = np.linspace(0.18, 0.10, classes - 1) if classes > 2 else np.array([0.18])
+    return [float(f * extent) for f in fractions]
+
+
+def _classification_radius(size: Sequence[int], spacing: Sequence[float], classes: int) -> float:
+    """One blob radius (mm) for the whole dataset, small enough that ``classes`` blobs fit easily."""
+    extents = np.array([n * s for n, s in zip(size, spacing, strict=True)])
+    dims = len(extents)
+    unit_ball = 4.0 / 3.0 * np.pi if dims == 3 else np.pi
+    packed = (0.08 * np.prod(extents) / classes / unit_ball) ** (1.0 / dims)  # blobs fill <= 8% of the volume
+    return float(min(0.14 * extents.min(), packed))
+
+
+def _place_and_rasterize(
+    rng: np.random.Generator, size: Sequence[int], spacing: Sequence[float], radii: Sequence[float]
+) -> np.ndarray:
+    """Non-overlapping ellipsoids labelled ``1..len(radii)`` in order.
+
+    Args:
+        rng: random generator.
+        size: spatial shape ``(X, Y[, Z])``.
+        spacing: voxel size in mm.
+        radii: mean radius in mm of each ellipsoid.
+
+    Returns:
+        ``(X, Y[, Z])`` uint8 label map; every ellipsoid covers at least one voxel.
+    """
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    extent = np.asarray(size) * spacing_arr
+    min_axis, gap = float(spacing_arr.max()), float(spacing_arr.min())
+    scale = 1.0
+    for _ in range(30):
+        blobs: list[tuple[np.ndarray, np.ndarray]] = []
+        for radius in radii:
+            axes = np.maximum(radius * scale * rng.uniform(0.8, 1.2, size=len(size)), min_axis)
+            low, high = axes + gap, extent - spacing_arr - axes - gap
+            if np.any(high < low):
+                break
+            for _try in range(200):
+                centre = rng.uniform(low, high)
+                if all(np.linalg.norm(centre - c) > axes.max() + a.max() + gap for c, a in blobs):
+                    blobs.append((centre, axes))
+                    break
+            else:
+                break
+        if len(blobs) == len(radii):
+            return _rasterize(size, spacing_arr, blobs)
+        scale *= 0.9
+    raise ValueError(
+        f"make_synthetic: cannot fit {len(radii)} structures into size {tuple(size)}; use a larger size"
+    )
+
+
+def _rasterize(
+    size: Sequence[int], spacing: np.ndarray, blobs: list[tuple[np.ndarray, np.ndarray]]
+) -> np.ndarray:
+    """Label map ``(X, Y[, Z])`` with ellipsoid ``i`` (centre, semi-axes in mm) drawn as value ``i + 1``."""
+    label = np.zeros(tuple(size), dtype=np.uint8)
+    grid = np.ogrid[tuple(slice(0, n) for n in size)]
+    for value, (centre, axes) in enumerate(blobs, start=1):
+        dist = sum(((g * s - c) / a) ** 2 for g, s, c, a in zip(grid, spacing, centre, axes, strict=True))
+        label[dist <= 1.0] = value
+        if not np.any(label == value):  # cannot happen with axes >= spacing, kept as a guard
+            label[tuple(np.clip(np.round(centre / spacing).astype(int), 0, np.asarray(size) - 1))] = value
+    return label
+
+
+def _bias_field(rng: np.random.Generator, size: Sequence[int]) -> np.ndarray:
+    """Smooth multiplicative field ``(X, Y[, Z])``, ``exp`` of a random quadratic, roughly within [0.75, 1.3]."""
+    coords = np.meshgrid(*[np.linspace(-1.0, 1.0, n) for n in size], indexing="ij", sparse=True)
+    log_field = sum(rng.uniform(-0.12, 0.12) * c + rng.uniform(-0.08, 0.08) * c**2 for c in coords)
+    return np.exp(log_field).astype(np.float32)
+
+
+def _channel_levels(levels: np.ndarray, channel: int) -> np.ndarray:
+    """Intensity of each class in ``channel``: odd channels invert the contrast, later ones add a gamma and a gain."""
+    mapped = 1.25 - levels if channel % 2 else levels
+    return (1.0 + 0.25 * channel) * mapped ** (1.0 + 0.5 * (channel // 2))
+
+
+def _render(rng: np.random.Generator, label: np.ndarray, levels: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Image ``(X, Y[, Z])`` float32: class intensities, partial-volume blur, bias field, Gaussian noise."""
+    clean = gaussian_filter(levels[label].astype(np.float32), sigma=0.4)
+    noise = rng.normal(0.0, _NOISE_SIGMA, size=label.shape).astype(np.float32)
+    return (_GAIN * (clean * bias + noise)).astype(np.float32)

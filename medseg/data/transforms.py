@@ -1,0 +1,133 @@
+"""Preprocessing and training-sample transforms (MONAI dictionary transforms on keys ``image``/``label``).
+
+The preprocessing spec is a plain dict (it is saved in checkpoints, so it must stay plain data)::
+
+    orientation: RAS          # axis codes, cut to the spatial dims ("RA" in 2D); null keeps the file's order
+    spacing: [1.0, 1.0, 2.0]  # target voxel size in mm; null keeps the native spacing
+    intensity: mri            # ct | mri | us | xray | none
+    ct_window: [-1000, 1000]  # HU window for intensity: ct
+    crop_foreground: false    # crop to the bounding box of non-zero image voxels
+    resize: null              # classifiers: resize the whole image to this shape
+
+Images are resampled with (bi/tri)linear interpolation, labels with nearest neighbour: labels are never
+interpolated. Augmentation lives in :mod:`medseg.data.augment`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from monai import transforms as mt
+
+INTENSITY_PRESETS = ("ct", "mri", "us", "xray", "none")
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+@dataclass
+class Preprocessing:
+    """Validated preprocessing spec (see the module docstring)."""
+
+    orientation: str | None = "RAS"
+    spacing: list[float] | None = None
+    intensity: str = "none"
+    ct_window: list[float] | tuple[float, float] = (-1000.0, 1000.0)
+    crop_foreground: bool = False
+    resize: list[int] | None = None
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any] | None) -> Preprocessing:
+        """Build from a config dict; unknown keys or presets raise ``ValueError`` naming them."""
+        spec = dict(spec or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"unknown preprocessing option(s) {unknown}; valid: {sorted(known)}")
+        prep = cls(**spec)
+        if prep.intensity not in INTENSITY_PRESETS:
+            raise ValueError(f"unknown intensity preset {prep.intensity!r}; valid: {list(INTENSITY_PRESETS)}")
+        if len(prep.ct_window) != 2 or prep.ct_window[0] >= prep.ct_window[1]:
+            raise ValueError(f"ct_window must be [low, high] with low < high, got {prep.ct_window}")
+        return prep
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (lists, not tuples) for checkpoints and YAML."""
+        out = asdict(self)
+        out["ct_window"] = [float(v) for v in self.ct_window]
+        return out
+
+
+def keys_for(task: str) -> tuple[str, ...]:
+    """Dictionary keys that hold images: ``("image", "label")`` for segmentation, ``("image",)`` otherwise."""
+    return ("image", "label") if task == "segmentation" else ("image",)
+
+
+def preprocess_transforms(spec: Preprocessing, task: str, spatial_dims: int) -> list[mt.Transform]:
+    """Load + geometry + intensity transforms shared by training, validation and prediction.
+
+    Args:
+        spec: the preprocessing spec.
+        task: ``"segmentation"`` or ``"classification"``.
+        spatial_dims: 2 or 3.
+
+    Returns:
+        Invertible MONAI transforms taking a case dict with file paths to tensors ``(C, *spatial)``.
+    """
+    keys = keys_for(task)
+    image_modes = ("bilinear", "nearest")[: len(keys)]
+    out: list[mt.Transform] = [
+        mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
+        mt.EnsureTyped(keys=keys, dtype=None, track_meta=True),
+    ]
+    if spec.orientation:
+        out.append(mt.Orientationd(keys=keys, axcodes=spec.orientation[:spatial_dims], labels=_RAS_LABELS))
+    if spec.spacing:
+        if len(spec.spacing) != spatial_dims:
+            raise ValueError(f"preprocessing.spacing {spec.spacing} needs {spatial_dims} values")
+        out.append(mt.Spacingd(keys=keys, pixdim=spec.spacing, mode=image_modes))
+    out.extend(_intensity(spec))
+    if spec.crop_foreground:
+        out.append(mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
+    if spec.resize:
+        if len(spec.resize) != spatial_dims:
+            raise ValueError(f"preprocessing.resize {spec.resize} needs {spatial_dims} values")
+        out.append(mt.Resized(keys=keys, spatial_size=spec.resize, mode=("area", "nearest")[: len(keys)]))
+    out.append(mt.EnsureTyped(keys="image", dtype="float32"))
+    return out
+
+
+def _intensity(spec: Preprocessing) -> list[mt.Transform]:
+    if spec.intensity == "ct":
+        low, high = spec.ct_window
+        return [mt.ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)]
+    if spec.intensity == "mri":
+        return [mt.NormalizeIntensityd("image", nonzero=True, channel_wise=True)]
+    if spec.intensity in ("us", "xray"):
+        return [mt.ScaleIntensityd("image", minv=0.0, maxv=1.0, channel_wise=True)]
+    return []
+
+
+def patch_sampling_transforms(
+    patch_size: list[int], pos_fraction: float, samples_per_volume: int
+) -> list[mt.Transform]:
+    """Random training patches with a foreground/background ratio (segmentation).
+
+    Args:
+        patch_size: patch shape ``(*spatial)``; smaller volumes are padded first.
+        pos_fraction: probability that a patch is centred on a foreground voxel (the rest: background).
+        samples_per_volume: patches drawn from each loaded volume.
+    """
+    if not 0.0 <= pos_fraction <= 1.0:
+        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
+    return [
+        mt.SpatialPadd(keys=("image", "label"), spatial_size=patch_size),
+        mt.RandCropByPosNegLabeld(
+            keys=("image", "label"),
+            label_key="label",
+            spatial_size=patch_size,
+            pos=pos_fraction,
+            neg=1.0 - pos_fraction,
+            num_samples=samples_per_volume,
+            allow_smaller=False,
+        ),
+    ]

@@ -1,0 +1,67 @@
+"""What the segmentation and classification systems share: the network by name, the loss, the optimiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+
+from medseg.losses import create_loss
+from medseg.models import create_model, freeze_encoder, load_pretrained
+
+# Arguments kept out of the checkpoint's hyperparameters: callables are not plain data, and a checkpoint
+# must load with ``torch.load(weights_only=True)``. Prediction never needs them.
+NOT_SAVED = ("optimizer", "scheduler")
+
+
+class MedSegModule(pl.LightningModule):
+    """Base LightningModule: builds ``self.net`` from the registry and ``self.loss`` by name.
+
+    Subclasses set ``TASK`` and call :meth:`_build` from ``__init__`` after ``save_hyperparameters``.
+    """
+
+    TASK = "segmentation"
+
+    def _build(
+        self,
+        network: str,
+        network_args: dict[str, Any] | None,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        loss: str,
+        loss_args: dict[str, Any] | None,
+        optimizer: OptimizerCallable,
+        scheduler: LRSchedulerCallable | None,
+        pretrained: str | None,
+        freeze: bool,
+    ) -> None:
+        self.net = create_model(network, spatial_dims, in_channels, num_classes, **(network_args or {}))
+        self.loss_fn = create_loss(loss, **(loss_args or {}))
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.pretrained_report: dict[str, list[str]] | None = None
+        if pretrained:
+            self.pretrained_report = load_pretrained(self.net, pretrained)
+        if freeze:
+            freeze_encoder(network, self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K, ...)`` of the network for ``x`` ``(B, C, ...)``."""
+        return self.net(x)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medseg_task"] = self.TASK  # read by medseg.inference.native.load_model
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self.hparams.scheduler_monitor
+        return {"optimizer": optimizer, "lr_scheduler": config}

@@ -1,0 +1,91 @@
+"""ClassificationModule: image -> class, with accuracy, macro F1 and ROC-AUC (torchmetrics, synced across ranks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+
+from medseg.tasks.base import NOT_SAVED, MedSegModule
+
+
+class ClassificationModule(MedSegModule):
+    """The classification system: network + loss + metrics + optimiser.
+
+    Args:
+        network: registry name (``medseg.models.list_models("classification")``).
+        network_args: keyword arguments of the network.
+        spatial_dims: 2 or 3 (linked from the data in the CLI).
+        in_channels: input channels (linked from the data).
+        num_classes: number of classes (linked from the data).
+        label_names: class names, index order (linked from the data; saved for prediction).
+        loss: loss name (``ce``, ``focal``, ``bce``).
+        loss_args: loss options (class_weights, gamma, ...).
+        optimizer: optimiser factory, ``class_path``/``init_args`` in YAML.
+        scheduler: learning-rate scheduler factory or ``None``.
+        scheduler_monitor: metric a ReduceLROnPlateau scheduler watches.
+        roi_size: input size images are resized to (linked from ``data.patch_size``; saved for prediction).
+        preprocessing_spec: the effective preprocessing spec (linked from the data; saved for prediction).
+        pretrained: local file with a compatible state dict to start from (never downloaded).
+        freeze_encoder: train only the classification head.
+    """
+
+    TASK = "classification"
+
+    def __init__(
+        self,
+        network: str = "resnet18",
+        network_args: dict[str, Any] | None = None,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        label_names: list[str] | None = None,
+        loss: str = "ce",
+        loss_args: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_monitor: str = "val/loss",
+        roi_size: list[int] | None = None,
+        preprocessing_spec: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        freeze_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=list(NOT_SAVED))
+        self._build(
+            network, network_args, spatial_dims, in_channels, num_classes, loss, loss_args,
+            optimizer, scheduler, pretrained, freeze_encoder,
+        )
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "f1": MulticlassF1Score(num_classes, average="macro"),
+                "auroc": MulticlassAUROC(num_classes, average="macro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
+        loss = self.loss_fn(self(image), label)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MetricCollection) -> torch.Tensor:
+        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
+        logits = self(image)
+        loss = self.loss_fn(logits, label)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        metrics.update(torch.softmax(logits.float(), dim=1), label)
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "test", self.test_metrics)

@@ -1,0 +1,110 @@
+"""SegmentationModule: random-patch training, whole-volume sliding-window validation, Dice per class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+
+from medseg.inference.predictor import labels_from_logits, sliding_window_logits
+from medseg.tasks.base import NOT_SAVED, MedSegModule
+
+
+class SegmentationModule(MedSegModule):
+    """The segmentation system: network + loss + metrics + optimiser.
+
+    Args:
+        network: registry name (``medseg.models.list_models("segmentation")``).
+        network_args: keyword arguments of the network (channels, depth, norm, act, dropout, ...).
+        spatial_dims: 2 or 3 (linked from the data in the CLI).
+        in_channels: input channels (linked from the data).
+        num_classes: output classes including background (linked from the data).
+        label_names: class names, index order (linked from the data; saved for prediction).
+        loss: loss name (``medseg.losses.list_losses()``).
+        loss_args: loss options (activation, class_weights, ...).
+        optimizer: optimiser factory, ``class_path``/``init_args`` in YAML.
+        scheduler: learning-rate scheduler factory or ``None``.
+        scheduler_monitor: metric a ReduceLROnPlateau scheduler watches.
+        roi_size: sliding-window roi (linked from ``data.patch_size``).
+        sw_batch_size: windows per forward pass at validation/prediction.
+        overlap: sliding-window overlap.
+        preprocessing_spec: the effective preprocessing spec (linked from the data; saved for prediction).
+        pretrained: local file with a compatible state dict to start from (never downloaded).
+        freeze_encoder: freeze the encoder after loading ``pretrained``.
+    """
+
+    def __init__(
+        self,
+        network: str = "unet",
+        network_args: dict[str, Any] | None = None,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        label_names: list[str] | None = None,
+        loss: str = "dice_ce",
+        loss_args: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_monitor: str = "val/loss",
+        roi_size: list[int] | None = None,
+        sw_batch_size: int = 4,
+        overlap: float = 0.25,
+        preprocessing_spec: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        freeze_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=list(NOT_SAVED))
+        self._build(
+            network, network_args, spatial_dims, in_channels, num_classes, loss, loss_args,
+            optimizer, scheduler, pretrained, freeze_encoder,
+        )
+        self.roi_size = list(roi_size or ([96, 96] if spatial_dims == 2 else [64, 64, 32]))
+        self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        image, label = batch["image"].as_tensor(), batch["label"].as_tensor().long()
+        loss = self.loss_fn(self(image), label)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        return loss
+
+    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """Whole-image logits ``(B, K, *spatial)`` by sliding window (the shared inference path)."""
+        return sliding_window_logits(
+            self, image, self.roi_size, sw_batch_size=self.hparams.sw_batch_size, overlap=self.hparams.overlap
+        )
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        image = torch.as_tensor(batch["image"])
+        label = torch.as_tensor(batch["label"]).long()
+        logits = self.predict_logits(image)
+        loss = self.loss_fn(logits, label)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        k = self.hparams.num_classes
+        self.dice(one_hot(labels_from_logits(logits), k), one_hot(label, k))
+        return loss
+
+    def _log_dice(self, stage: str) -> None:
+        per_class = self.dice.aggregate()  # (K-1,) foreground classes, NaN where never present
+        self.dice.reset()
+        per_class = torch.as_tensor(per_class, device=self.device).reshape(-1)
+        valid = ~torch.isnan(per_class)
+        mean = per_class[valid].mean() if valid.any() else torch.tensor(float("nan"), device=self.device)
+        self.log(f"{stage}/dice", mean, prog_bar=True)
+        for index, value in enumerate(per_class.tolist(), start=1):
+            self.log(f"{stage}/dice_class{index}", value)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_dice("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_dice("test")
