@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+DEMO_TARGET_DICE = 0.90
 USAGE = """usage: medseg COMMAND [options]
 
 commands:
@@ -54,9 +55,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_lightning(argv: list[str]) -> int:
     """Run ``fit``/``validate``/``test`` through :class:`MedSegCLI`."""
+    import warnings
+
     from medseg.lightning_cli import MedSegCLI
 
-    MedSegCLI(args=argv)
+    with warnings.catch_warnings():  # `args` are this process's own command line, passed on explicitly
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        MedSegCLI(args=argv)
     return 0
 
 
@@ -69,7 +74,10 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     result = run_demo(Path(args.out), epochs=args.epochs, seed=args.seed)
-    return 0 if result["mean_dice"] >= 0.0 else 1
+    if result["mean_dice"] < DEMO_TARGET_DICE:
+        print(f"medseg demo: mean Dice {result['mean_dice']:.3f} is below the target {DEMO_TARGET_DICE}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _make_synthetic(argv: list[str]) -> int:

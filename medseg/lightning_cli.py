@@ -68,11 +68,14 @@ def _run_name(config: Any) -> str:
 
 
 def _default_loggers(save_dir: str, name: str) -> list[dict[str, Any]]:
-    """CSV + TensorBoard loggers writing to the same version folder ``<save_dir>/<name>/version_N``."""
+    """CSV + TensorBoard loggers writing to the same, next free folder ``<save_dir>/<name>/version_N``."""
+    taken = [p.name[len("version_") :] for p in (Path(save_dir) / name).glob("version_*")]
+    version = 1 + max((int(v) for v in taken if v.isdigit()), default=-1)
+    common = {"save_dir": save_dir, "name": name, "version": version}
     return [
-        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": save_dir, "name": name}},
+        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": common},
         {
             "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": save_dir, "name": name, "default_hp_metric": False},
+            "init_args": {**common, "default_hp_metric": False},
         },
     ]

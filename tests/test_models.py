@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ from medseg.models import (
 MODELS = list_models()
 SHARED_OPTIONS = ("channels", "depth", "base_channels", "norm", "act", "dropout")
 SIZE = 32  # divisible by 2**4 (unetpp) with > 1 voxel at its bottleneck (instance norm)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: tiny models gain nothing from two, and OpenMP spin-waits crawl on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny(name: str, **overrides: Any) -> dict[str, Any]:

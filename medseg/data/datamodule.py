@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from medseg.data.augment import augmentation_transforms
 from medseg.data.checks import assert_dataset_ok
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
-from medseg.data.transforms import Preprocessing, patch_sampling_transforms, preprocess_transforms
+from medseg.data.transforms import Preprocessing, keys_for, patch_sampling_transforms, preprocess_transforms
 
 CACHE_MODES = ("none", "memory", "disk")
 
@@ -119,6 +119,9 @@ class MedSegDataModule(pl.LightningDataModule):
                     self.patch_size, self.hparams.pos_fraction, self.hparams.samples_per_volume
                 )
             chain += augmentation_transforms(self.hparams.augmentation, self.task, dims, self.hparams.seed)
+        # Batches carry plain tensors: per-case metadata (affines, file names) differs between cases and the
+        # training loop does not need it; prediction keeps it (medseg.inference.native).
+        chain.append(mt.EnsureTyped(keys=keys_for(self.task), track_meta=False))
         return mt.Compose(chain)
 
     def setup(self, stage: str | None = None) -> None:

@@ -66,7 +66,7 @@ class SegmentationModule(MedSegModule):
         self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image, label = batch["image"].as_tensor(), batch["label"].as_tensor().long()
+        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
         loss = self.loss_fn(self(image), label)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
         return loss
