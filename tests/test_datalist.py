@@ -258,7 +258,11 @@ def test_training_case_without_label_names_its_image(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("label", ["malignant", 1.5, True, None])
 def test_classification_label_must_be_int(tmp_path: Path, label: Any) -> None:
-    meta = {"task": "classification", "labels": {"0": "a", "1": "b"}, "training": [{"image": "x.nii.gz", "label": label}]}
+    meta = {
+        "task": "classification",
+        "labels": {"0": "a", "1": "b"},
+        "training": [{"image": "x.nii.gz", "label": label}],
+    }
     path = _write(tmp_path, meta)
     message = _error(tmp_path)
     assert str(path.resolve()) in message and "x.nii.gz" in message
@@ -275,14 +279,11 @@ def test_duplicate_training_ids(tmp_path: Path) -> None:
     assert "'case'" in message and "site1/case.nii.gz" in message and "site2/case.nii.gz" in message
 
 
-@pytest.mark.xfail(
-    reason="BUG: duplicate ids in the 'test' list are not refused (predictions <id>.nii.gz would overwrite each other)",
-    strict=True,
-)
 def test_duplicate_test_ids(tmp_path: Path) -> None:
+    """Predictions are written as ``<id>.nii.gz``: two test cases with one id would overwrite each other."""
     path = _write(tmp_path, _seg_meta(test=["site1/case.nii.gz", "site2/case.nii.gz"]))
     message = _error(tmp_path)
-    assert str(path.resolve()) in message and "'case'" in message
+    assert str(path.resolve()) in message and "'case'" in message and "test" in message
 
 
 @pytest.mark.parametrize("text", ["{not json", "", '["a", "b"]', "42"])

@@ -22,10 +22,14 @@ from medseg.data.transforms import (
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _case(tmp_path: Path, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray | None = None) -> dict:
+def _case(
+    tmp_path: Path, image: np.ndarray, label: np.ndarray | None, affine: np.ndarray | None = None
+) -> dict:
     """Write ``image`` (and ``label``) as NIfTI files; return the case dict MONAI loads."""
     affine = np.eye(4) if affine is None else affine
-    case: dict[str, Any] = {"image": str(write_nifti(image.astype(np.float32), affine, tmp_path / "img.nii.gz"))}
+    case: dict[str, Any] = {
+        "image": str(write_nifti(image.astype(np.float32), affine, tmp_path / "img.nii.gz"))
+    }
     if label is not None:
         case["label"] = str(write_nifti(label.astype(np.uint8), affine, tmp_path / "lab.nii.gz"))
     return case
@@ -92,9 +96,7 @@ def test_wrong_number_of_values_for_dims(option: str, value: list) -> None:
 # ------------------------------------------------------------------------------------------- geometry
 
 
-@pytest.mark.parametrize(
-    "diagonal", [(-1.5, -1.0, 2.0), (-1.0, 1.0, 3.0)], ids=["LPS", "LAS"]
-)
+@pytest.mark.parametrize("diagonal", [(-1.5, -1.0, 2.0), (-1.0, 1.0, 3.0)], ids=["LPS", "LAS"])
 def test_orientation_to_ras_keeps_world_positions(tmp_path: Path, diagonal: tuple[float, ...]) -> None:
     affine = np.diag([*diagonal, 1.0])
     affine[:3, 3] = [10.0, -20.0, 5.0]
@@ -108,7 +110,11 @@ def test_orientation_to_ras_keeps_world_positions(tmp_path: Path, diagonal: tupl
         assert np.all(np.diag(new_affine)[:3] > 0), new_affine
         assert np.allclose(np.abs(np.diag(new_affine)[:3]), np.abs(diagonal))
         assert out[key].shape == (1, 6, 5, 4)
-    for value, old_index, key in ((7.0, (1, 3, 2), "image"), (3.0, (4, 0, 1), "image"), (2, (1, 3, 2), "label")):
+    for value, old_index, key in (
+        (7.0, (1, 3, 2), "image"),
+        (3.0, (4, 0, 1), "image"),
+        (2, (1, 3, 2), "label"),
+    ):
         found = np.argwhere(_array(out[key])[0] == value)
         assert len(found) == 1
         world_after = _array(out[key].affine) @ np.r_[found[0], 1.0]
@@ -158,7 +164,9 @@ def test_ct_window_clips_and_scales(tmp_path: Path) -> None:
     image = np.zeros((4, 4, 2), np.float32)
     hu = [-3000.0, -1000.0, 0.0, 500.0, 1000.0, 3000.0]
     image.flat[: len(hu)] = hu
-    out = _run(_case(tmp_path, image, None), {"intensity": "ct", "ct_window": [-1000, 1000]}, task="classification")
+    out = _run(
+        _case(tmp_path, image, None), {"intensity": "ct", "ct_window": [-1000, 1000]}, task="classification"
+    )
     got = _array(out["image"])[0].ravel()[: len(hu)]
     # (HU - low) / (high - low), clipped to [0, 1]
     assert np.allclose(got, [0.0, 0.0, 0.5, 0.75, 1.0, 1.0], atol=1e-6)
@@ -166,8 +174,12 @@ def test_ct_window_clips_and_scales(tmp_path: Path) -> None:
 
 
 def test_ct_other_window(tmp_path: Path) -> None:
-    image = np.array([-200.0, -160.0, 40.0, 240.0, 900.0, -900.0, 0.0, 0.0]).reshape(2, 2, 2).astype(np.float32)
-    out = _run(_case(tmp_path, image, None), {"intensity": "ct", "ct_window": [-160, 240]}, task="classification")
+    image = (
+        np.array([-200.0, -160.0, 40.0, 240.0, 900.0, -900.0, 0.0, 0.0]).reshape(2, 2, 2).astype(np.float32)
+    )
+    out = _run(
+        _case(tmp_path, image, None), {"intensity": "ct", "ct_window": [-160, 240]}, task="classification"
+    )
     got = _array(out["image"])[0].ravel()
     assert np.allclose(got, [0.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.4, 0.4], atol=1e-6)
 
@@ -207,7 +219,9 @@ def test_us_xray_scale_each_channel_to_unit_range(tmp_path: Path, preset: str) -
 
 def test_none_preset_keeps_values(tmp_path: Path) -> None:
     image = np.linspace(-1000, 3000, 32, dtype=np.float32).reshape(4, 4, 2)
-    out = _run(_case(tmp_path, image, None), {"intensity": "none", "orientation": None}, task="classification")
+    out = _run(
+        _case(tmp_path, image, None), {"intensity": "none", "orientation": None}, task="classification"
+    )
     assert np.array_equal(_array(out["image"])[0], image)
 
 
@@ -225,12 +239,8 @@ def test_crop_foreground_to_nonzero_box(tmp_path: Path) -> None:
     assert np.allclose(_array(out["image"].affine)[:3, 3], [3.0, 2.0, 1.0])
 
 
-@pytest.mark.xfail(
-    reason="BUG: crop_foreground runs after MRI z-scoring with MONAI's default select_fn (x > 0), so the "
-    "darker half of the non-zero region (now negative) is cropped away with its labels",
-    strict=True,
-)
-def test_crop_foreground_after_mri_keeps_whole_nonzero_region(tmp_path: Path) -> None:
+def test_crop_foreground_with_mri_keeps_whole_nonzero_region(tmp_path: Path) -> None:
+    """Regression: cropping after z-scoring (x > 0) used to cut away the darker half of the foreground."""
     image = np.zeros((12, 12, 6), np.float32)
     image[3:9, 2:10, 1:5] = np.linspace(1.0, 10.0, 6)[:, None, None]  # non-zero, varying along x
     label = (image > 0).astype(np.uint8)
@@ -242,7 +252,9 @@ def test_crop_foreground_after_mri_keeps_whole_nonzero_region(tmp_path: Path) ->
 def test_resize_for_classification(tmp_path: Path) -> None:
     image = np.zeros((12, 9, 6), np.float32)
     image[:6] = 4.0
-    out = _run(_case(tmp_path, image, None), {"resize": [4, 3, 3], "orientation": None}, task="classification")
+    out = _run(
+        _case(tmp_path, image, None), {"resize": [4, 3, 3], "orientation": None}, task="classification"
+    )
     got = _array(out["image"])
     assert got.shape == (1, 4, 3, 3)
     # area interpolation averages blocks: the first half stays 4, the second 0
@@ -258,10 +270,25 @@ def test_resize_2d_segmentation_label_nearest(tmp_path: Path) -> None:
     assert set(np.unique(_array(out["label"])).tolist()) == {0.0, 1.0, 2.0}
 
 
+def test_resize_keeps_label_on_image(tmp_path: Path) -> None:
+    label = np.zeros((40, 40), np.uint8)
+    label[5:33, 6:35] = 1
+    label[15:27, 12:28] = 2  # nested: every boundary is one class step
+    out = _run(
+        _case(tmp_path, label * 100.0 + 10.0, label), {"resize": [17, 23], "orientation": None}, dims=2
+    )
+    image, resized = _array(out["image"])[0], _array(out["label"])[0]
+    # classify each pixel by the nearest class intensity (thresholds halfway: 60 and 160)
+    recovered = (image >= 60).astype(np.float32) + (image >= 160)
+    assert np.mean(recovered == resized) >= 0.95
+
+
 # ------------------------------------------------------------------------------------- patch sampling
 
 
-def _sample(image: np.ndarray, label: np.ndarray, patch: list[int], pos: float, n: int, seed: int) -> list[dict]:
+def _sample(
+    image: np.ndarray, label: np.ndarray, patch: list[int], pos: float, n: int, seed: int
+) -> list[dict]:
     chain = mt.Compose(patch_sampling_transforms(patch, pos, n))
     chain.set_random_state(seed)
     return chain({"image": image[None].astype(np.float32), "label": label[None].astype(np.float32)})

@@ -73,7 +73,7 @@ def _take(opts: dict[str, Any], name: str, **defaults: Any) -> dict[str, Any]:
 
 def _monai_3d(name: str, opts: dict[str, Any], keys: tuple[str, ...]) -> mt.Transform:
     interp = ("bilinear", "nearest")[: len(keys)]
-    zoom_interp = ("trilinear", "nearest")[: len(keys)]
+    zoom_interp = ("trilinear", "nearest-exact")[: len(keys)]  # "nearest" samples floor(i/z): shifted
     if name == "flip":
         o = _take(opts, name, prob=0.5)
         return mt.Compose([mt.RandFlipd(keys, prob=o["prob"], spatial_axis=axis) for axis in range(3)])

@@ -118,7 +118,8 @@ def load_dataset(root: str | Path) -> DatasetSpec:
         raise DatasetError(f"{source}: missing 'training' list")
     training = [_case(entry, source, task, i, "training") for i, entry in enumerate(meta["training"])]
     test = [_case(entry, source, task, i, "test") for i, entry in enumerate(meta.get("test", []) or [])]
-    _unique_ids(training, source)
+    _unique_ids(training, source, "training")
+    _unique_ids(test, source, "test")
     return DatasetSpec(source, task, labels, channels, training, test)
 
 
@@ -185,18 +186,19 @@ def _load_csv(source: Path) -> DatasetSpec:
     if not rows or not {"image", "label"} <= set(rows[0]):
         raise DatasetError(f"{source}: a classification CSV needs 'image' and 'label' columns and at least one row")
     training = [_case(row, source, CLASSIFICATION, i, "training") for i, row in enumerate(rows)]
-    _unique_ids(training, source)
+    _unique_ids(training, source, "training")
     classes = sorted({case["label"] for case in training})
     labels = {k: str(k) for k in range(max(classes) + 1)}
     return DatasetSpec(source, CLASSIFICATION, labels, ["image"], training, [])
 
 
-def _unique_ids(cases: list[dict[str, Any]], source: Path) -> None:
+def _unique_ids(cases: list[dict[str, Any]], source: Path, where: str) -> None:
+    """Case ids name output files (``<id>.nii.gz``), so two cases of one list must not share one."""
     seen: dict[str, str] = {}
     for case in cases:
         if case["id"] in seen:
             raise DatasetError(
-                f"{source}: two training cases share the id {case['id']!r}: {seen[case['id']]} and {case['image'][0]}"
+                f"{source}: two {where} cases share the id {case['id']!r}: {seen[case['id']]} and {case['image'][0]}"
             )
         seen[case["id"]] = case["image"][0]
 

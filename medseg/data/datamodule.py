@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -77,6 +79,12 @@ class MedSegDataModule(pl.LightningDataModule):
         if not self.is_segmentation and prep.resize is None:
             prep.resize = list(self.patch_size)
         self.preprocessing = prep
+        if augmentation and "rotate90" in augmentation:
+            square = self.patch_size if self.is_segmentation else prep.resize
+            if square[0] != square[1]:
+                raise ValueError(
+                    f"augmentation rotate90 turns axes 0 and 1 and needs them equal, got patch/resize size {square}"
+                )
         self.train_cases, self.val_cases = split_cases(self.spec.training, val_fraction, val_cases, seed)
         self._datasets: dict[str, Any] = {}
 
@@ -129,16 +137,26 @@ class MedSegDataModule(pl.LightningDataModule):
             assert_dataset_ok(self.spec.source)
         for name, cases, train in (("train", self.train_cases, True), ("val", self.val_cases, False)):
             if name not in self._datasets:
-                self._datasets[name] = self._dataset(cases, self.transforms(train))
+                self._datasets[name] = self._dataset(cases, train)
 
-    def _dataset(self, cases: list[dict[str, Any]], transform: mt.Compose) -> md.Dataset:
+    def _dataset(self, cases: list[dict[str, Any]], train: bool) -> md.Dataset:
         items = [self._item(case) for case in cases]
+        transform = self.transforms(train)
         if self.hparams.cache == "memory":
             return md.CacheDataset(items, transform, cache_rate=self.hparams.cache_rate, progress=False)
         if self.hparams.cache == "disk":
-            cache_dir = Path(self.hparams.cache_dir or self.spec.root / ".medseg_cache")
-            return md.PersistentDataset(items, transform, cache_dir=cache_dir)
+            return md.PersistentDataset(items, transform, cache_dir=self._disk_cache_dir(train))
         return md.Dataset(items, transform)
+
+    def _disk_cache_dir(self, train: bool) -> Path:
+        """A cache folder per preprocessing setting: PersistentDataset keys its files on the case dict only,
+        so a run with other preprocessing must not find (and silently reuse) another run's tensors."""
+        settings = {
+            "task": self.task, "dims": self.spatial_dims, "preprocessing": self.preprocessing_spec,
+            "patch": self.patch_size if train else None,
+        }
+        digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(self.hparams.cache_dir or self.spec.root / ".medseg_cache") / digest
 
     def _item(self, case: dict[str, Any]) -> dict[str, Any]:
         image = case["image"] if len(case["image"]) > 1 else case["image"][0]

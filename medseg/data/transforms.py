@@ -6,7 +6,7 @@ The preprocessing spec is a plain dict (it is saved in checkpoints, so it must s
     spacing: [1.0, 1.0, 2.0]  # target voxel size in mm; null keeps the native spacing
     intensity: mri            # ct | mri | us | xray | none
     ct_window: [-1000, 1000]  # HU window for intensity: ct
-    crop_foreground: false    # crop to the bounding box of non-zero image voxels
+    crop_foreground: false    # crop to the bounding box of non-zero image voxels (before intensity)
     resize: null              # classifiers: resize the whole image to this shape
 
 Images are resampled with (bi/tri)linear interpolation, labels with nearest neighbour: labels are never
@@ -85,15 +85,20 @@ def preprocess_transforms(spec: Preprocessing, task: str, spatial_dims: int) -> 
         if len(spec.spacing) != spatial_dims:
             raise ValueError(f"preprocessing.spacing {spec.spacing} needs {spatial_dims} values")
         out.append(mt.Spacingd(keys=keys, pixdim=spec.spacing, mode=image_modes))
+    if spec.crop_foreground:  # before intensity normalisation, which makes part of the foreground negative
+        out.append(mt.CropForegroundd(keys=keys, source_key="image", select_fn=nonzero, allow_smaller=True))
     out.extend(_intensity(spec))
-    if spec.crop_foreground:
-        out.append(mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
     if spec.resize:
         if len(spec.resize) != spatial_dims:
             raise ValueError(f"preprocessing.resize {spec.resize} needs {spatial_dims} values")
-        out.append(mt.Resized(keys=keys, spatial_size=spec.resize, mode=("area", "nearest")[: len(keys)]))
+        out.append(mt.Resized(keys=keys, spatial_size=spec.resize, mode=("area", "nearest-exact")[: len(keys)]))
     out.append(mt.EnsureTyped(keys="image", dtype="float32"))
     return out
+
+
+def nonzero(x: Any) -> Any:
+    """Foreground for ``crop_foreground``: every non-zero voxel (nnU-Net's rule; CT air at -1000 HU counts)."""
+    return x != 0
 
 
 def _intensity(spec: Preprocessing) -> list[mt.Transform]:

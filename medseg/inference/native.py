@@ -19,6 +19,7 @@ from medseg.data.transforms import Preprocessing, preprocess_transforms
 from medseg.inference.predictor import labels_from_logits, sliding_window_logits
 from medseg.models import create_model
 
+
 @dataclass
 class LoadedModel:
     """A network ready to predict and the checkpoint facts it needs.
