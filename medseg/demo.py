@@ -17,6 +17,7 @@ from medseg.data.datalist import load_dataset
 from medseg.data.io import read_image
 from medseg.data.synthetic import make_synthetic
 from medseg.inference.native import load_model, predict_segmentation
+from medseg.visualize import best_slice, overlay, save_montage
 
 TRAIN_CASES = 16
 TEST_CASES = 4
@@ -77,7 +78,7 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0) -> dict[str, A
     """Make data, train, predict the held-out cases, print and return their Dice.
 
     Returns:
-        ``{"mean_dice": float, "dice": {case_id: float}, "checkpoint": str, "seconds": float}``.
+        ``{"mean_dice": float, "dice": {case_id: float}, "checkpoint": str, "seconds": float, "picture": str}``.
     """
     from medseg.lightning_cli import MedSegCLI
 
@@ -94,12 +95,18 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0) -> dict[str, A
     print(f"[3/3] predicting the held-out cases with {checkpoint}")
     model = load_model(checkpoint)
     scores: dict[str, float] = {}
+    tiles: list[np.ndarray] = []
     for case in load_dataset(root).test:
         prediction = predict_segmentation(model, case["image"])
         truth, _ = read_image(case["label"])
+        image, _ = read_image(case["image"][0])
         scores[case["id"]] = dice(prediction, truth)
         print(f"  {case['id']}: Dice {scores[case['id']]:.3f}")
+        z = best_slice(truth)
+        tiles.append(overlay(image[..., z], truth[..., z], prediction[..., z]))
+    picture = save_montage(tiles, [f"{k} Dice {v:.3f}" for k, v in scores.items()], out / "predictions.png")
     mean = float(np.mean(list(scores.values())))
     seconds = time.perf_counter() - start
+    print(f"slices with reference (green) and prediction (red) outlines: {picture}")
     print(f"mean held-out foreground Dice: {mean:.3f} ({len(scores)} cases, {seconds:.0f} s in all)")
-    return {"mean_dice": mean, "dice": scores, "checkpoint": checkpoint, "seconds": seconds}
+    return {"mean_dice": mean, "dice": scores, "checkpoint": checkpoint, "seconds": seconds, "picture": str(picture)}
