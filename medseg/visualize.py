@@ -47,7 +47,7 @@ def save_montage(tiles: Sequence[np.ndarray], titles: Sequence[str], path: str |
     rows = (len(tiles) + columns - 1) // columns
     canvas = Image.new("RGB", (width * min(columns, len(tiles)), height * rows), "black")
     draw = ImageDraw.Draw(canvas)
-    for i, (tile, title) in enumerate(zip(tiles, titles)):
+    for i, (tile, title) in enumerate(zip(tiles, titles, strict=True)):
         x, y = (i % columns) * width, (i // columns) * height
         canvas.paste(Image.fromarray(tile), (x, y + 16))
         draw.text((x + 3, y + 2), title, fill="white")
