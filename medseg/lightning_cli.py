@@ -17,7 +17,7 @@ DATA_TO_MODEL = {
     "in_channels": "in_channels",
     "num_classes": "num_classes",
     "label_names": "label_names",
-    "patch_size": "roi_size",
+    "roi_size": "roi_size",
     "preprocessing_spec": "preprocessing_spec",
 }
 

@@ -115,10 +115,18 @@ def test_split_edge_fractions() -> None:
 
 def test_split_explicit_val_cases() -> None:
     cases = _cases(10)
-    ids = [cases[3]["id"], cases[0]["id"]]
+    patients = {_patient(cases[3]), _patient(cases[0])}
+    ids = [c["id"] for c in cases if _patient(c) in patients]  # whole patients
     train, val = split_cases(cases, 0.5, ids, seed=0)
     assert {c["id"] for c in val} == set(ids)
-    assert len(train) == len(cases) - 2 and not {c["id"] for c in train} & set(ids)
+    assert len(train) == len(cases) - len(ids) and not {c["id"] for c in train} & set(ids)
+
+
+def test_split_explicit_val_cases_refuses_a_split_patient() -> None:
+    cases = _cases(10)
+    shared = [c for c in cases if c["patient"] and sum(_patient(o) == _patient(c) for o in cases) > 1][0]
+    with pytest.raises(ValueError, match=str(shared["patient"])):
+        split_cases(cases, 0.5, [shared["id"]], seed=0)
 
 
 def test_split_unknown_val_ids() -> None:
@@ -147,9 +155,9 @@ def test_split_by_patient_in_module(seg3d: Path) -> None:
     val_p = {c["patient"] for c in dm.val_cases}
     assert train_p.isdisjoint(val_p)
     assert len(val_p) == 1 and len(dm.val_cases) == 2  # make_synthetic: two cases per patient
-    dm2 = MedSegDataModule(str(seg3d), patch_size=PATCH_3D, val_cases=["case_001", "case_004"])
-    assert [c["id"] for c in dm2.val_cases] == ["case_001", "case_004"]
-    assert len(dm2.train_cases) == 4
+    dm2 = MedSegDataModule(str(seg3d), patch_size=PATCH_3D, val_cases=["case_000", "case_001", "case_004", "case_005"])
+    assert [c["id"] for c in dm2.val_cases] == ["case_000", "case_001", "case_004", "case_005"]
+    assert len(dm2.train_cases) == 2
     with pytest.raises(ValueError, match="case_999"):
         MedSegDataModule(str(seg3d), patch_size=PATCH_3D, val_cases=["case_999"])
 
@@ -165,7 +173,7 @@ def test_train_batch_is_patches(seg3d: Path) -> None:
 
 
 def test_val_batch_is_the_whole_volume(seg3d: Path) -> None:
-    dm = _dm(seg3d, val_cases=["case_002"])
+    dm = _dm(seg3d, val_cases=["case_002", "case_003"])
     batch = _first(dm.val_dataloader())
     assert batch["image"].shape == (1, 1, *SIZE_3D) and batch["label"].shape == (1, 1, *SIZE_3D)
     assert batch["id"] == ["case_002"]
@@ -174,7 +182,7 @@ def test_val_batch_is_the_whole_volume(seg3d: Path) -> None:
     label, _ = read_image(seg3d / "labelsTr" / "case_002.nii.gz")
     assert np.allclose(batch["image"][0, 0].numpy(), image[::-1])
     assert np.array_equal(batch["label"][0, 0].numpy(), label[::-1])
-    assert len(dm.val_dataloader()) == 1
+    assert len(dm.val_dataloader()) == 2
 
 
 def test_cache_modes_give_the_same_val_batch(seg3d: Path, tmp_path: Path) -> None:
@@ -184,7 +192,7 @@ def test_cache_modes_give_the_same_val_batch(seg3d: Path, tmp_path: Path) -> Non
             seg3d,
             cache=mode,
             cache_dir=str(tmp_path / "cache"),
-            val_cases=["case_003", "case_005"],
+            val_cases=["case_002", "case_003", "case_004", "case_005"],
             preprocessing={"intensity": "mri", "spacing": [1.5, 1.5, 1.0]},
         )
         batches[mode] = [_first(dm.val_dataloader()) for _ in range(2)]  # disk: second pass reads the cache
@@ -206,7 +214,7 @@ def test_disk_cache_follows_preprocessing(seg3d: Path, tmp_path: Path) -> None:
             seg3d,
             cache="disk",
             cache_dir=str(tmp_path / "cache"),
-            val_cases=["case_000"],
+            val_cases=["case_000", "case_001"],
             preprocessing={"spacing": spacing},
         )
         shapes.append(tuple(_first(dm.val_dataloader())["image"].shape))
@@ -241,7 +249,7 @@ def test_check_data_refuses_missing_label_before_training(seg3d: Path, tmp_path:
 
 def test_2d_with_albumentations(seg2d: Path) -> None:
     aug = {"flip": {"prob": 0.5}, "rotate": {"prob": 1.0, "degrees": 30}, "gamma": {"prob": 0.5}}
-    dm = _dm(seg2d, spatial_dims=2, patch_size=[16, 12], augmentation=aug, val_cases=["case_000"])
+    dm = _dm(seg2d, spatial_dims=2, patch_size=[16, 12], augmentation=aug, val_cases=["case_000", "case_001"])
     assert any(isinstance(t, AlbumentationsD) for t in dm.transforms(train=True).transforms)
     assert not any(isinstance(t, AlbumentationsD) for t in dm.transforms(train=False).transforms)
     batch = _first(dm.train_dataloader())
@@ -254,7 +262,7 @@ def test_2d_with_albumentations(seg2d: Path) -> None:
 
 def test_multi_channel(tmp_path: Path) -> None:
     make_synthetic(tmp_path, dims=3, cases=4, classes=2, size=SIZE_3D, channels=2, seed=3)
-    dm = _dm(tmp_path, val_cases=["case_000_0000"])  # ids come from the first channel file
+    dm = _dm(tmp_path, val_cases=["case_000_0000", "case_001_0000"])  # ids come from the first channel file
     assert dm.in_channels == 2
     batch = _first(dm.train_dataloader())
     assert batch["image"].shape == (4, 2, *PATCH_3D)

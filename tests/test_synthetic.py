@@ -102,14 +102,18 @@ def test_classification_balanced_and_no_label_files(tmp_path: Path) -> None:
     assert spec.task == "classification" and spec.num_classes == 3
 
 
-def test_classification_class_is_the_blob_count(tmp_path: Path) -> None:
+def test_classification_class_is_blob_count_and_size(tmp_path: Path) -> None:
     from scipy.ndimage import label as connected
 
     make_synthetic(tmp_path, cases=6, classes=3, task="cls", dims=2, size=(64, 64))
+    mean_blob_area = {}
     for i in range(6):
         image, _ = read_image(tmp_path / f"imagesTr/case_00{i}.nii.gz")
-        _, n_blobs = connected(image > 0.5 * (image.max() + np.median(image)))
+        blobs, n_blobs = connected(image > 0.5 * (image.max() + np.median(image)))
         assert n_blobs == i % 3 + 1
+        mean_blob_area.setdefault(i % 3, []).append((blobs > 0).sum() / n_blobs)
+    areas = [np.mean(mean_blob_area[k]) for k in range(3)]
+    assert areas[0] * 1.5 < areas[1] and areas[1] * 1.3 < areas[2]  # blobs grow with the class
 
 
 def test_multichannel_lists_and_different_mappings(tmp_path: Path) -> None:

@@ -333,3 +333,13 @@ def test_pos_fraction_zero_centres_on_background() -> None:
 def test_pos_fraction_out_of_range(fraction: float) -> None:
     with pytest.raises(ValueError, match="pos_fraction"):
         patch_sampling_transforms([8, 8, 8], fraction, 2)
+
+
+@pytest.mark.parametrize(
+    "spec, word",
+    [({"orientation": "RAX"}, "orientation"), ({"orientation": "RRS"}, "orientation"),
+     ({"spacing": [1.0, 0.0, 1.0]}, "spacing"), ({"resize": [32, -1]}, "resize")],
+)
+def test_preprocessing_rejects_bad_geometry_up_front(spec: dict, word: str) -> None:
+    with pytest.raises(ValueError, match=word):
+        Preprocessing.from_dict(spec)

@@ -60,23 +60,29 @@ class _Image:
     affine: np.ndarray
 
 
-def check_dataset(root: str | Path, tolerance: float = 1e-3, progress: bool = False) -> list[Problem]:
+def check_dataset(
+    root: str | Path, tolerance: float = 1e-3, progress: bool = False, spatial_dims: int | None = None
+) -> list[Problem]:
     """Check a dataset completely and report every problem found.
 
     Args:
         root: dataset folder (holding ``dataset.json``/``dataset.csv``) or the description file.
         tolerance: largest accepted absolute difference (mm) between image and label spacings / affine entries.
         progress: show a progress bar over the cases on stderr.
+        spatial_dims: the dimensionality a training config expects (2 or 3): NIfTI files with other axes are
+            reported (a 2D config needs 2D files, channels as separate files; a 3D one 3D or 4D channels-last).
 
     Returns:
         The problems, in case order; an empty list when the dataset is fine.
     """
-    return _run_checks(root, tolerance, progress)[0]
+    return _run_checks(root, tolerance, progress, spatial_dims)[0]
 
 
-def assert_dataset_ok(root: str | Path, tolerance: float = 1e-3, progress: bool = False) -> None:
+def assert_dataset_ok(
+    root: str | Path, tolerance: float = 1e-3, progress: bool = False, spatial_dims: int | None = None
+) -> None:
     """Raise :class:`DataCheckError` (with the full report) when :func:`check_dataset` finds problems."""
-    problems, n_cases = _run_checks(root, tolerance, progress)
+    problems, n_cases = _run_checks(root, tolerance, progress, spatial_dims)
     if problems:
         raise DataCheckError(problems, n_cases, root)
 
@@ -92,7 +98,9 @@ def format_report(problems: list[Problem], n_cases: int) -> str:
     return "\n".join(lines)
 
 
-def _run_checks(root: str | Path, tolerance: float, progress: bool) -> tuple[list[Problem], int]:
+def _run_checks(
+    root: str | Path, tolerance: float, progress: bool, spatial_dims: int | None = None
+) -> tuple[list[Problem], int]:
     """The problems of the dataset at ``root`` and the number of cases checked."""
     try:
         source = str(find_description(root).resolve())
@@ -105,7 +113,7 @@ def _run_checks(root: str | Path, tolerance: float, progress: bool) -> tuple[lis
     problems: list[Problem] = []
     if not spec.training:
         problems.append(Problem(source, "no training cases (the 'training' list is empty)"))
-    checker = _CaseChecker(spec, tolerance)
+    checker = _CaseChecker(spec, tolerance, spatial_dims)
     cases = [("training", c) for c in spec.training] + [("test", c) for c in spec.test]
     for where, case in tqdm(cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress):
         problems += checker.check(case, where)
@@ -115,10 +123,11 @@ def _run_checks(root: str | Path, tolerance: float, progress: bool) -> tuple[lis
 class _CaseChecker:
     """Checks one case at a time; remembers the label dimensionality seen so far."""
 
-    def __init__(self, spec: DatasetSpec, tolerance: float) -> None:
+    def __init__(self, spec: DatasetSpec, tolerance: float, spatial_dims: int | None = None) -> None:
         self.spec = spec
         self.tolerance = tolerance
-        self.spatial_ndim: int | None = None
+        self.spatial_dims = spatial_dims
+        self.spatial_ndim: int | None = spatial_dims
 
     def check(self, case: dict[str, Any], where: str) -> list[Problem]:
         """All problems of one case dict (``where`` is ``"training"`` or ``"test"``)."""
@@ -137,10 +146,23 @@ class _CaseChecker:
             loaded = _read(path, problems)
             if loaded is not None:
                 images.append(_layout(path, loaded[0].shape, loaded[1], ndim))
+                problems += self._dimensionality(path, loaded[0].ndim)
+        if label is not None:
+            problems += self._dimensionality(case["label"], label[0].ndim)
         problems += self._channels(case, images)
         if images and label is not None:
             problems += self._geometry(case["label"], label[0].shape, label[1], images[0], "label", "image")
         return problems
+
+    def _dimensionality(self, path: str, ndim: int) -> list[Problem]:
+        """A NIfTI file whose axes do not suit the configured ``spatial_dims`` (PNG/JPG are always 2D)."""
+        if self.spatial_dims is None or not is_nifti(path):
+            return []
+        allowed = (2,) if self.spatial_dims == 2 else (3, 4)
+        if ndim in allowed:
+            return []
+        return [Problem(path, f"has {ndim} axes but the config says spatial_dims={self.spatial_dims} "
+                              f"(expected {' or '.join(map(str, allowed))} axes)")]
 
     def _class_index(self, case: dict[str, Any], where: str) -> list[Problem]:
         if case["label"] in self.spec.labels:

@@ -87,6 +87,7 @@ class MedSegDataModule(pl.LightningDataModule):
                 )
         self.train_cases, self.val_cases = split_cases(self.spec.training, val_fraction, val_cases, seed)
         self._datasets: dict[str, Any] = {}
+        self._checked = False
 
     # Values the model needs, linked in the CLI (stated once, in the data config).
     @property
@@ -114,6 +115,11 @@ class MedSegDataModule(pl.LightningDataModule):
         return self.spec.label_names
 
     @property
+    def roi_size(self) -> list[int]:
+        """Sliding-window roi (segmentation) or network input size (classification)."""
+        return list(self.patch_size) if self.is_segmentation else list(self.preprocessing.resize)
+
+    @property
     def preprocessing_spec(self) -> dict[str, Any]:
         return self.preprocessing.to_dict()
 
@@ -133,11 +139,42 @@ class MedSegDataModule(pl.LightningDataModule):
         return mt.Compose(chain)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.hparams.check_data and not self._datasets:
-            assert_dataset_ok(self.spec.source)
-        for name, cases, train in (("train", self.train_cases, True), ("val", self.val_cases, False)):
+        """Check the data once (before any training), then build the datasets ``stage`` needs."""
+        if self.hparams.check_data and not self._checked:
+            assert_dataset_ok(self.spec.source, spatial_dims=self.spatial_dims)
+            self._checked = True
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "fit", ("val",))
+        for name in needed:
             if name not in self._datasets:
-                self._datasets[name] = self._dataset(cases, train)
+                self._datasets[name] = self._dataset(self._cases(name), train=name == "train")
+
+    def _cases(self, name: str) -> list[dict[str, Any]]:
+        if name != "test":
+            return self.train_cases if name == "train" else self.val_cases
+        labelled = [case for case in self.spec.test if case["label"] is not None]
+        if not labelled:
+            raise ValueError(
+                f"{self.spec.source}: `test` needs a 'test' list with labels; use `validate` for the validation split"
+            )
+        return labelled
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: which cases trained and validated, and the channel and label order."""
+        return {
+            "train_ids": [c["id"] for c in self.train_cases],
+            "val_ids": [c["id"] for c in self.val_cases],
+            "channel_names": list(self.spec.channel_names),
+            "label_names": self.label_names,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume on data whose classes or channels differ from the checkpoint's."""
+        for key in ("channel_names", "label_names"):
+            if key in state_dict and list(state_dict[key]) != list(self.state_dict()[key]):
+                raise ValueError(
+                    f"{self.spec.source}: the checkpoint was trained with {key} {state_dict[key]}, "
+                    f"this dataset has {self.state_dict()[key]}"
+                )
 
     def _dataset(self, cases: list[dict[str, Any]], train: bool) -> md.Dataset:
         items = [self._item(case) for case in cases]
@@ -173,15 +210,19 @@ class MedSegDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        """Whole images in a fixed order (one volume per batch for sliding-window segmentation)."""
         return md.DataLoader(
-            self._datasets["val"],
+            self._datasets[name],
             batch_size=1 if self.is_segmentation else self.hparams.batch_size,
             shuffle=False,
             num_workers=self.hparams.num_workers,
         )
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 def split_cases(
@@ -201,7 +242,12 @@ def split_cases(
         if missing:
             raise ValueError(f"val_cases not in the dataset: {missing}")
         chosen = set(val_ids)
-        return [c for c in cases if c["id"] not in chosen], [c for c in cases if c["id"] in chosen]
+        train = [c for c in cases if c["id"] not in chosen]
+        val = [c for c in cases if c["id"] in chosen]
+        shared = sorted({c["patient"] for c in val if c["patient"]} & {c["patient"] for c in train if c["patient"]})
+        if shared:
+            raise ValueError(f"val_cases split patient(s) {shared} between training and validation")
+        return train, val
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for case in cases:
         groups[case["patient"] or f"case:{case['id']}"].append(case)

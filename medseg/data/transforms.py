@@ -48,6 +48,16 @@ class Preprocessing:
             raise ValueError(f"unknown intensity preset {prep.intensity!r}; valid: {list(INTENSITY_PRESETS)}")
         if len(prep.ct_window) != 2 or prep.ct_window[0] >= prep.ct_window[1]:
             raise ValueError(f"ct_window must be [low, high] with low < high, got {prep.ct_window}")
+        if prep.orientation is not None:
+            codes = str(prep.orientation).upper()
+            axes = [next((i for i, pair in enumerate(_RAS_LABELS) if c in pair), None) for c in codes]
+            if len(codes) != 3 or None in axes or len(set(axes)) != 3:
+                raise ValueError(f"orientation must be 3 axis codes such as 'RAS' or 'LPS', got {prep.orientation!r}")
+            prep.orientation = codes
+        for name in ("spacing", "resize"):
+            values = getattr(prep, name)
+            if values is not None and (not values or any(v <= 0 for v in values)):
+                raise ValueError(f"preprocessing.{name} must hold positive numbers, got {values}")
         return prep
 
     def to_dict(self) -> dict[str, Any]:

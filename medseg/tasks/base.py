@@ -13,7 +13,8 @@ from medseg.models import create_model, freeze_encoder, load_pretrained
 
 # Arguments kept out of the checkpoint's hyperparameters: callables are not plain data, and a checkpoint
 # must load with ``torch.load(weights_only=True)``. Prediction never needs them.
-NOT_SAVED = ("optimizer", "scheduler")
+# ``pretrained`` too: the weights are in the checkpoint, and the file may be gone when it is reloaded.
+NOT_SAVED = ("optimizer", "scheduler", "pretrained")
 
 
 class MedSegModule(pl.LightningModule):
@@ -39,7 +40,7 @@ class MedSegModule(pl.LightningModule):
         freeze: bool,
     ) -> None:
         self.net = create_model(network, spatial_dims, in_channels, num_classes, **(network_args or {}))
-        self.loss_fn = create_loss(loss, **(loss_args or {}))
+        self.loss_fn = create_loss(loss, **{"num_classes": num_classes, **(loss_args or {})})
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.pretrained_report: dict[str, list[str]] | None = None
@@ -51,6 +52,13 @@ class MedSegModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, ...)`` of the network for ``x`` ``(B, C, ...)``."""
         return self.net(x)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss on a batch: image ``(B, C, ...)``, label ``(B, 1, ...)`` label map or ``(B,)`` class index."""
+        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
+        loss = self.loss_fn(self(image), label)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medseg_task"] = self.TASK  # read by medseg.inference.native.load_model

@@ -69,12 +69,6 @@ class ClassificationModule(MedSegModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
-        loss = self.loss_fn(self(image), label)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
-        return loss
-
     def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MetricCollection) -> torch.Tensor:
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
         logits = self(image)

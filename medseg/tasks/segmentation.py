@@ -63,13 +63,25 @@ class SegmentationModule(MedSegModule):
             optimizer, scheduler, pretrained, freeze_encoder,
         )
         self.roi_size = list(roi_size or ([96, 96] if spatial_dims == 2 else [64, 64, 32]))
-        self.dice = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        self.hparams.roi_size = self.roi_size  # the checkpoint holds the roi prediction will use
+        # Per case and class; a class absent from a case's reference is NaN there (MONAI's ignore_empty) and
+        # left out of that class's mean, so a prediction in such a case does not count against the model.
+        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
-        loss = self.loss_fn(self(image), label)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
-        return loss
+    def on_fit_start(self) -> None:
+        """Fail before training, with a readable message, when the patch does not suit the network."""
+        probe = torch.zeros(1, self.hparams.in_channels, *self.roi_size, device=self.device)
+        was_training = self.net.training
+        try:
+            with torch.no_grad():
+                self.net.eval()(probe)
+        except RuntimeError as err:
+            raise ValueError(
+                f"patch_size {self.roi_size} does not suit network {self.hparams.network!r} "
+                f"{self.hparams.network_args or {}}: each side must be divisible by 2**depth ({err})"
+            ) from err
+        finally:
+            self.net.train(was_training)
 
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """Whole-image logits ``(B, K, *spatial)`` by sliding window (the shared inference path)."""
@@ -88,11 +100,8 @@ class SegmentationModule(MedSegModule):
         return loss
 
     def _log_dice(self, stage: str) -> None:
-        per_class = self.dice.aggregate()  # (K-1,) foreground classes, NaN where never present
+        mean, per_class = dice_summary(torch.as_tensor(self.dice.aggregate(), device=self.device))
         self.dice.reset()
-        per_class = torch.as_tensor(per_class, device=self.device).reshape(-1)
-        valid = ~torch.isnan(per_class)
-        mean = per_class[valid].mean() if valid.any() else torch.tensor(float("nan"), device=self.device)
         self.log(f"{stage}/dice", mean, prog_bar=True)
         for index, value in enumerate(per_class.tolist(), start=1):
             self.log(f"{stage}/dice_class{index}", value)
@@ -108,3 +117,18 @@ class SegmentationModule(MedSegModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_dice("test")
+
+
+def dice_summary(per_case: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean Dice and Dice per class from a per-case table.
+
+    Args:
+        per_case: ``(N, K-1)`` Dice of each case and foreground class; NaN where the class is absent from
+            the case's reference.
+
+    Returns:
+        ``(mean, per_class)``: ``per_class`` ``(K-1,)`` averages the cases where the class is present (NaN
+        if it is absent from every case); ``mean`` averages the classes that are not NaN.
+    """
+    per_class = torch.nanmean(per_case.float(), dim=0)
+    return torch.nanmean(per_class), per_class
