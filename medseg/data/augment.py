@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
+from medseg.data.transforms import keys_for
+
 AUGMENTATIONS_3D = (
     "flip", "rotate90", "rotate", "zoom", "elastic", "shift_intensity", "scale_intensity", "gamma", "noise", "blur",
 )
@@ -58,7 +60,7 @@ def augmentation_transforms(
     unknown = [name for name in spec if name not in valid]
     if unknown:
         raise ValueError(f"unknown {spatial_dims}D augmentation(s) {unknown}; valid: {list(valid)}")
-    keys = ("image", "label") if task == "segmentation" else ("image",)
+    keys = keys_for(task)
     if spatial_dims == 3:
         return [_monai_3d(name, dict(opts or {}), keys) for name, opts in spec.items()]
     return [AlbumentationsD(keys, spec, seed=seed)]

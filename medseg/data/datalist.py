@@ -28,7 +28,7 @@ from typing import Any
 
 SEGMENTATION = "segmentation"
 CLASSIFICATION = "classification"
-_TASK_ALIASES = {"seg": SEGMENTATION, "segmentation": SEGMENTATION, "cls": CLASSIFICATION, "classification": CLASSIFICATION}
+TASK_ALIASES = {"seg": SEGMENTATION, "segmentation": SEGMENTATION, "cls": CLASSIFICATION, "classification": CLASSIFICATION}
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
 
 
@@ -124,9 +124,9 @@ def load_dataset(root: str | Path) -> DatasetSpec:
 
 
 def _task(value: Any, source: Path) -> str:
-    if value not in _TASK_ALIASES:
+    if value not in TASK_ALIASES:
         raise DatasetError(f"{source}: unknown task {value!r}; use 'segmentation' or 'classification'")
-    return _TASK_ALIASES[value]
+    return TASK_ALIASES[value]
 
 
 def _labels(value: Any, source: Path) -> dict[int, str]:

@@ -26,15 +26,8 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from medseg.data.datalist import CLASSIFICATION, SEGMENTATION
+from medseg.data.datalist import CLASSIFICATION, SEGMENTATION, TASK_ALIASES
 from medseg.data.io import write_nifti
-
-_TASKS = {
-    "seg": SEGMENTATION,
-    "segmentation": SEGMENTATION,
-    "cls": CLASSIFICATION,
-    "classification": CLASSIFICATION,
-}
 
 DEFAULT_SIZE: dict[int, tuple[int, ...]] = {3: (48, 48, 24), 2: (64, 64)}
 DEFAULT_SPACING: dict[int, tuple[float, ...]] = {3: (1.0, 1.0, 2.0), 2: (0.8, 0.8)}
@@ -109,9 +102,9 @@ def make_synthetic(
     """
     if dims not in DEFAULT_SIZE:
         raise ValueError(f"make_synthetic: dims must be 2 or 3, got {dims}")
-    if task not in _TASKS:
+    if task not in TASK_ALIASES:
         raise ValueError(f"make_synthetic: unknown task {task!r}; use 'seg' or 'cls'")
-    task = _TASKS[task]
+    task = TASK_ALIASES[task]
     size = tuple(int(s) for s in (size if size is not None else DEFAULT_SIZE[dims]))
     spacing = tuple(float(s) for s in (spacing if spacing is not None else DEFAULT_SPACING[dims]))
     if len(size) != dims or len(spacing) != dims or min(size) < 4 or min(spacing) <= 0:

@@ -72,18 +72,21 @@ def keys_for(task: str) -> tuple[str, ...]:
     return ("image", "label") if task == "segmentation" else ("image",)
 
 
-def preprocess_transforms(spec: Preprocessing, task: str, spatial_dims: int) -> list[mt.Transform]:
+def preprocess_transforms(
+    spec: Preprocessing, task: str, spatial_dims: int, keys: tuple[str, ...] | None = None
+) -> list[mt.Transform]:
     """Load + geometry + intensity transforms shared by training, validation and prediction.
 
     Args:
         spec: the preprocessing spec.
         task: ``"segmentation"`` or ``"classification"``.
         spatial_dims: 2 or 3.
+        keys: dictionary keys to load (default :func:`keys_for` the task; prediction loads ``("image",)``).
 
     Returns:
         Invertible MONAI transforms taking a case dict with file paths to tensors ``(C, *spatial)``.
     """
-    keys = keys_for(task)
+    keys = keys or keys_for(task)
     image_modes = ("bilinear", "nearest")[: len(keys)]
     out: list[mt.Transform] = [
         mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),

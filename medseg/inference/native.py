@@ -66,7 +66,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 def preprocess_for(model: LoadedModel) -> mt.Compose:
     """The checkpoint's preprocessing, image only (the same transforms training used)."""
     spec = Preprocessing.from_dict(model.hparams.get("preprocessing_spec"))
-    return mt.Compose(preprocess_transforms(spec, "classification", model.hparams["spatial_dims"]))
+    return mt.Compose(preprocess_transforms(spec, model.task, model.hparams["spatial_dims"], keys=("image",)))
 
 
 @torch.no_grad()

@@ -38,13 +38,6 @@ def sliding_window_logits(
     )
 
 
-def probabilities(logits: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
-    """Class probabilities ``(B, K, ...)`` from logits: softmax over classes, or sigmoid per channel."""
-    if activation == "sigmoid":
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=1)
-
-
 def labels_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Label map ``(B, 1, *spatial)`` (int64) from logits ``(B, K, *spatial)``."""
     return torch.argmax(logits, dim=1, keepdim=True)
