@@ -18,6 +18,7 @@ commands:
   fit             train a model from a YAML config   (medseg fit --config configs/seg3d_unet.yaml)
   validate        run validation on a checkpoint      (medseg validate --config C.yaml --ckpt_path X.ckpt)
   test            run the test loop on a checkpoint   (medseg test --config C.yaml --ckpt_path X.ckpt)
+  predict         predict a folder or dataset.json with one or more checkpoints, on each input's own grid
   demo            make a synthetic 3D dataset, train a small 3D U-Net, report held-out Dice
   make-synthetic  write a synthetic Decathlon-style dataset
   check-data      read every case of a dataset and report every problem
@@ -40,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in LIGHTNING_COMMANDS:
             return run_lightning(argv)
+        if command == "predict":
+            return _predict(rest)
         if command == "demo":
             return _demo(rest)
         if command == "make-synthetic":
             return _make_synthetic(rest)
         if command == "check-data":
             return _check_data(rest)
-    except (DataCheckError, DatasetError, ImageReadError) as err:
+    except (DataCheckError, DatasetError, ImageReadError, FileExistsError, FileNotFoundError) as err:
         print(f"medseg {command}: {err}", file=sys.stderr)
         return 2
     print(f"medseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
@@ -78,6 +81,51 @@ def _demo(argv: list[str]) -> int:
         print(f"medseg demo: mean Dice {result['mean_dice']:.3f} is below the target {DEMO_TARGET_DICE}", file=sys.stderr)
         return 1
     return 0
+
+
+def _predict(argv: list[str]) -> int:
+    import logging
+
+    import torch
+
+    from medseg.inference.batch import PredictOptions, predict_batch
+
+    parser = argparse.ArgumentParser(prog="medseg predict", description=_doc("predict"))
+    parser.add_argument("--ckpt", action="append", required=True, help="checkpoint; repeat for an ensemble")
+    parser.add_argument("--input", required=True, help="folder of images, or a dataset.json / CSV")
+    parser.add_argument("--output", required=True, help="folder for <case>.nii.gz / predictions.csv")
+    parser.add_argument("--tta", action="store_true", help="average over flips along every combination of axes")
+    parser.add_argument("--tta-axes", type=int, nargs="+", default=None, help="flip only these spatial axes")
+    parser.add_argument("--ensemble", choices=("mean", "vote"), default="mean", help="how members combine")
+    parser.add_argument("--postprocess", default=None, help="post-processing spec: JSON/YAML file or JSON text")
+    parser.add_argument("--save-probabilities", action="store_true", help="probabilities/<case>.npz: float16 (K, ...) + affine")
+    parser.add_argument("--save-uncertainty", action="store_true", help="entropy (+ member variance) maps")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
+    group.add_argument("--resume", action="store_true", help="skip cases whose outputs exist")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    steps = None
+    if args.postprocess:
+        from medseg.inference.postprocess import load_postprocessing
+
+        try:
+            steps = load_postprocessing(args.postprocess)
+        except ValueError as err:
+            print(f"medseg predict: --postprocess: {err}", file=sys.stderr)
+            return 2
+    options = PredictOptions(
+        output=Path(args.output), tta=args.tta, tta_axes=args.tta_axes, ensemble=args.ensemble, postprocess=steps,
+        save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=device,
+        overwrite=args.overwrite, resume=args.resume,
+    )
+    report = predict_batch(args.ckpt, args.input, options)
+    print(f"predicted {len(report.done)} case(s), skipped {len(report.skipped)}, failed {len(report.failed)}")
+    for case, reason in report.failed.items():
+        print(f"  FAILED {case}: {reason}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _make_synthetic(argv: list[str]) -> int:

@@ -57,3 +57,28 @@ def cls2d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def roots(seg3d_root: Path, seg2d_root: Path, cls3d_root: Path, cls2d_root: Path) -> dict[str, Path]:
     """Dataset root by config prefix (seg2d, seg3d, cls2d, cls3d)."""
     return {"seg3d": seg3d_root, "seg2d": seg2d_root, "cls3d": cls3d_root, "cls2d": cls2d_root}
+
+
+def _one_epoch_checkpoint(config: str, root: Path, out: Path, *extra: str) -> Path:
+    """Train one step and return ``last.ckpt`` (a real checkpoint for the prediction tests)."""
+    from medseg.lightning_cli import MedSegCLI
+
+    cli = MedSegCLI(args=[
+        "fit", "--config", str(Path(__file__).parents[1] / "configs" / config), "--data.root", str(root),
+        "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1", *extra,
+    ])
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+@pytest.fixture(scope="session")
+def seg3d_checkpoint(seg3d_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _one_epoch_checkpoint("seg3d_unet.yaml", seg3d_root, tmp_path_factory.mktemp("ckpt3d"),
+                                 "--model.init_args.network_args", '{"channels": [4, 8, 16]}')
+
+
+@pytest.fixture(scope="session")
+def cls2d_checkpoint(cls2d_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _one_epoch_checkpoint("cls2d_resnet18.yaml", cls2d_root, tmp_path_factory.mktemp("ckptcls"),
+                                 "--model.init_args.network", "cnn3d", "--data.patch_size", "[32, 32]",
+                                 "--model.init_args.network_args", '{"channels": [4, 8]}')

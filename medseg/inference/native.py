@@ -7,6 +7,9 @@ with nearest-neighbour interpolation, so the label map lands voxel-for-voxel on 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import torch
 from monai import transforms as mt
 
 from medseg.data.transforms import Preprocessing, preprocess_transforms
-from medseg.inference.predictor import labels_from_logits, sliding_window_logits
+from medseg.inference.predictor import sliding_window_logits
 from medseg.models import create_model
 
 
@@ -69,29 +72,88 @@ def preprocess_for(model: LoadedModel) -> mt.Compose:
     return mt.Compose(preprocess_transforms(spec, model.task, model.hparams["spatial_dims"], keys=("image",)))
 
 
-@torch.no_grad()
-def predict_segmentation(model: LoadedModel, image: str | list[str], device: str | torch.device = "cpu") -> np.ndarray:
-    """Label map of one case on the input file's grid.
+def flip_sets(spatial_dims: int, axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
+    """Every combination of the flip ``axes`` (default: all spatial axes), the identity first.
 
-    Args:
-        model: from :func:`load_model`.
-        image: the case's image file, or one file per channel.
+    ``flip_sets(3)`` gives 8 sets: ``(), (0,), (1,), (2,), (0, 1), ...``.
+    """
+    axes = tuple(range(spatial_dims)) if axes is None else tuple(axes)
+    bad = [a for a in axes if not 0 <= a < spatial_dims]
+    if bad:
+        raise ValueError(f"TTA flip axes {bad} are not spatial axes of a {spatial_dims}D model")
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
+@torch.no_grad()
+def segmentation_members(
+    model: LoadedModel,
+    image: str | list[str],
+    flips: Sequence[tuple[int, ...]] = ((),),
+    device: str | torch.device = "cpu",
+) -> list[np.ndarray]:
+    """Probability maps of one case on the input file's grid, one per test-time flip.
+
+    The image is preprocessed with the checkpoint's own spec, predicted by sliding window (each flip of the
+    whole image is a member), and every member's probabilities are mapped back through the inverse of the
+    preprocessing with linear interpolation, so averaging and argmax happen on the input grid.
 
     Returns:
-        ``(X, Y[, Z])`` int array with the shape of the input image file.
+        ``[(K, X, Y[, Z]) float32, ...]`` with the spatial shape of the input image file.
     """
     preprocess = preprocess_for(model)
     data = preprocess({"image": image})
     x = data["image"]
     hp = model.hparams
-    logits = sliding_window_logits(
-        model.net, x[None].to(device), hp["roi_size"], sw_batch_size=hp.get("sw_batch_size", 4),
-        overlap=hp.get("overlap", 0.25),
-    )
-    labels = labels_from_logits(logits)[0].to("cpu").float()  # (1, *spatial) on the preprocessed grid
-    data["pred"] = _meta_like(x, labels)
-    inverted = mt.Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=True)(data)
-    return np.asarray(inverted["pred"][0].cpu().numpy()).round().astype(np.int16)
+    batch = x.as_tensor()[None].to(device)
+    members = []
+    for flip in flips:
+        dims = [a + 2 for a in flip]
+        view = torch.flip(batch, dims) if dims else batch
+        with _autocast(device):
+            logits = sliding_window_logits(
+                model.net, view, hp["roi_size"], sw_batch_size=hp.get("sw_batch_size", 4),
+                overlap=hp.get("overlap", 0.25),
+            )
+        probabilities = torch.softmax(logits.float(), dim=1)
+        probabilities = torch.flip(probabilities, dims) if dims else probabilities
+        data["pred"] = _meta_like(x, probabilities[0].cpu())
+        inverted = mt.Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=False)(data)
+        members.append(np.asarray(inverted["pred"].cpu().numpy(), dtype=np.float32))
+    return members
+
+
+def predict_segmentation(model: LoadedModel, image: str | list[str], device: str | torch.device = "cpu") -> np.ndarray:
+    """Label map of one case on the input file's grid (argmax of the inverted probabilities).
+
+    Returns:
+        ``(X, Y[, Z])`` int16 array with the shape of the input image file.
+    """
+    probabilities = segmentation_members(model, image, device=device)[0]
+    return probabilities.argmax(axis=0).astype(np.int16)
+
+
+@torch.no_grad()
+def classification_members(
+    model: LoadedModel,
+    image: str | list[str],
+    flips: Sequence[tuple[int, ...]] = ((),),
+    device: str | torch.device = "cpu",
+) -> list[np.ndarray]:
+    """Class probabilities ``(K,)`` of one case, one array per test-time flip."""
+    x = preprocess_for(model)({"image": image})["image"].as_tensor()[None].to(device)
+    members = []
+    for flip in flips:
+        view = torch.flip(x, [a + 2 for a in flip]) if flip else x
+        with _autocast(device):
+            logits = model.net(view)
+        members.append(torch.softmax(logits.float(), dim=1)[0].cpu().numpy())
+    return members
+
+
+def _autocast(device: str | torch.device) -> Any:
+    """Mixed precision on CUDA (fp16 windows), a no-op elsewhere."""
+    kind = torch.device(device).type
+    return torch.autocast("cuda", dtype=torch.float16) if kind == "cuda" else contextlib.nullcontext()
 
 
 def _meta_like(reference: Any, array: torch.Tensor) -> Any:

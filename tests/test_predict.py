@@ -1,0 +1,164 @@
+"""`medseg predict`: native-grid outputs, TTA, ensembles, robustness to bad cases, resume, classification CSV."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medseg.cli import main
+from medseg.data.datalist import load_dataset
+from medseg.inference.batch import find_cases
+from medseg.inference.ensemble import case_doubt, combine, entropy, member_variance
+from medseg.inference.native import LoadedModel, flip_sets, segmentation_members
+
+
+def test_flip_sets_cover_every_combination() -> None:
+    assert flip_sets(2) == [(), (0,), (1,), (0, 1)]
+    assert len(flip_sets(3)) == 8 and flip_sets(3, [2]) == [(), (2,)]
+    with pytest.raises(ValueError, match="not spatial axes"):
+        flip_sets(2, [2])
+
+
+def test_combine_mean_and_vote_on_hand_made_maps() -> None:
+    # Class-1 probabilities of three members at three voxels (class 0 = 1 - p).
+    p = [np.array([0.9, 0.99, 0.6]), np.array([0.8, 0.45, 0.4]), np.array([0.7, 0.45, 0.6])]
+    members = [np.stack([1 - q, q]) for q in p]
+    mean, labels = combine(members, "mean")
+    assert np.allclose(mean[1], [0.8, 1.89 / 3, 1.6 / 3])
+    assert labels.tolist() == [1, 1, 1]
+    _, votes = combine(members, "vote")
+    assert votes.tolist() == [1, 0, 1]  # voxel 1: two of three members chose class 0 despite the mean
+    # A 1-1 tie goes to the class with the higher mean probability: (0.9 + 0.2) / 2 = 0.55 for class 1.
+    _, tie = combine([np.stack([1 - q, q]) for q in (np.array([0.9]), np.array([0.2]))], "vote")
+    assert tie.tolist() == [1]
+    with pytest.raises(ValueError, match="unknown ensemble mode"):
+        combine(members, "median")
+
+
+def test_uncertainty_measures() -> None:
+    uniform = np.full((2, 4), 0.5)
+    certain = np.stack([np.zeros(4), np.ones(4)])
+    assert np.allclose(entropy(uniform), np.log(2)) and np.allclose(entropy(certain), 0, atol=1e-9)
+    assert np.allclose(member_variance([certain, certain]), 0)
+    assert np.allclose(member_variance([certain, 1 - certain]), 0.25)  # values 0 and 1: variance 1/4
+    assert case_doubt(np.array([0.5, 0.1, 0.0]), [np.array([1, 1, 0])]) == pytest.approx(0.3)
+
+
+class Threshold(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([0.5 - x, x - 0.5], dim=1) * 10
+
+
+def test_tta_on_a_flip_equivariant_model_equals_no_tta(seg3d_root: Path) -> None:
+    model = LoadedModel(Threshold(), {"network": "t", "spatial_dims": 3, "in_channels": 1, "num_classes": 2,
+                                      "roi_size": [16, 16, 8], "preprocessing_spec": {"intensity": "mri"}},
+                        "segmentation")
+    image = load_dataset(seg3d_root).training[0]["image"]
+    plain = segmentation_members(model, image)[0]
+    members = segmentation_members(model, image, flip_sets(3))
+    assert len(members) == 8
+    assert np.allclose(combine(members)[0], plain, atol=1e-5)
+
+
+def _run(*args: str) -> int:
+    return main(["predict", "--device", "cpu", *args])
+
+
+def test_outputs_land_on_the_input_grid(seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(seg3d_root / "dataset.json"),
+                "--output", str(out), "--save-probabilities") == 0
+    for case in load_dataset(seg3d_root).test:
+        source = nib.load(case["image"][0])
+        written = nib.load(out / f"{case['id']}.nii.gz")
+        assert written.shape == source.shape
+        assert np.allclose(written.affine, source.affine)
+        assert np.allclose(written.get_qform(), source.affine) and np.allclose(written.get_sform(), source.affine)
+        assert np.issubdtype(written.get_data_dtype(), np.integer)
+        assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+        saved = np.load(out / "probabilities" / f"{case['id']}.npz")
+        assert saved["probabilities"].shape == (2, *source.shape) and saved["probabilities"].dtype == np.float16
+
+
+def test_a_corrupt_case_fails_alone_and_resume_redoes_only_the_rest(
+    seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path, capsys
+) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(seg3d_root / "imagesTr", folder)
+    corrupt = sorted(folder.glob("*.nii.gz"))[2]
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    out = tmp_path / "out"
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(folder), "--output", str(out)) == 1
+    written = sorted(p.name for p in out.glob("*.nii.gz"))
+    assert len(written) == 5 and corrupt.name not in written
+    assert corrupt.name in capsys.readouterr().err
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
+
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(folder), "--output", str(out)) == 2  # no flag
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    shutil.copy(seg3d_root / "imagesTr" / corrupt.name, corrupt)  # repaired
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(folder), "--output", str(out), "--resume") == 0
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    assert set(after) == set(before) | {corrupt.name}
+    assert all(after[name] == before[name] for name in before), "--resume rewrote a finished case"
+
+
+def test_same_names_in_different_folders_do_not_collide(seg3d_root: Path, tmp_path: Path) -> None:
+    source = sorted((seg3d_root / "imagesTr").glob("*.nii.gz"))[0]
+    for site in ("siteA", "siteB"):
+        (tmp_path / site).mkdir()
+        shutil.copy(source, tmp_path / site / "scan.nii.gz")
+    ids = [c["id"] for c in find_cases(tmp_path, in_channels=1)]
+    assert sorted(ids) == ["siteA_scan", "siteB_scan"]
+
+
+def test_ensemble_with_tta_and_uncertainty(seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _run("--ckpt", str(seg3d_checkpoint), "--ckpt", str(seg3d_checkpoint), "--input",
+                str(seg3d_root / "dataset.json"), "--output", str(out), "--tta", "--tta-axes", "0",
+                "--save-uncertainty", "--ensemble", "vote") == 0
+    with (out / "uncertainty.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["case"] for r in rows} == {c["id"] for c in load_dataset(seg3d_root).test}
+    assert all(r["members"] == "4" for r in rows)  # 2 models x 2 flips
+    doubts = [float(r["doubt"]) for r in rows]
+    assert doubts == sorted(doubts, reverse=True)
+    assert (out / "uncertainty" / f"{rows[0]['case']}_variance.nii.gz").is_file()
+
+
+def test_classification_csv(cls2d_checkpoint: Path, cls2d_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _run("--ckpt", str(cls2d_checkpoint), "--input", str(cls2d_root / "dataset.json"),
+                "--output", str(out), "--tta") == 0
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["case", "prediction", "p_class0", "p_class1"]
+    assert len(rows) == len(load_dataset(cls2d_root).training)
+    for row in rows:
+        p = [float(row["p_class0"]), float(row["p_class1"])]
+        assert sum(p) == pytest.approx(1.0, abs=1e-5)
+        assert row["prediction"] == ("class0" if p[0] >= p[1] else "class1")
+
+
+def test_postprocess_spec_is_applied_in_physical_units(
+    seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path, capsys
+) -> None:
+    """Every foreground component smaller than a huge volume goes: the written labels must be all background."""
+    spec = tmp_path / "post.json"
+    spec.write_text('{"steps": [{"op": "remove_small_components", "min_volume_mm3": 1e9}]}')
+    out = tmp_path / "out"
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(seg3d_root / "dataset.json"),
+                "--output", str(out), "--postprocess", str(spec)) == 0
+    for path in out.glob("*.nii.gz"):
+        assert not np.asarray(nib.load(path).dataobj).any()
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"op": "dilate_everything"}]')
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(seg3d_root / "dataset.json"),
+                "--output", str(tmp_path / "o2"), "--postprocess", str(bad)) == 2
+    assert "dilate_everything" in capsys.readouterr().err and not (tmp_path / "o2").exists()
