@@ -101,6 +101,7 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--save-probabilities", action="store_true", help="probabilities/<case>.npz: float16 (K, ...) + affine")
     parser.add_argument("--save-uncertainty", action="store_true", help="entropy (+ member variance) maps")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--devices", type=int, default=1, help="worker processes, one per GPU (cuda:0..N-1)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     group.add_argument("--resume", action="store_true", help="skip cases whose outputs exist")
@@ -121,7 +122,7 @@ def _predict(argv: list[str]) -> int:
         save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=device,
         overwrite=args.overwrite, resume=args.resume,
     )
-    report = predict_batch(args.ckpt, args.input, options)
+    report = predict_batch(args.ckpt, args.input, options, devices=args.devices)
     print(f"predicted {len(report.done)} case(s), skipped {len(report.skipped)}, failed {len(report.failed)}")
     for case, reason in report.failed.items():
         print(f"  FAILED {case}: {reason}", file=sys.stderr)

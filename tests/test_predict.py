@@ -162,3 +162,14 @@ def test_postprocess_spec_is_applied_in_physical_units(
     assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(seg3d_root / "dataset.json"),
                 "--output", str(tmp_path / "o2"), "--postprocess", str(bad)) == 2
     assert "dilate_everything" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_several_workers_predict_each_case_exactly_once(
+    seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path, capsys
+) -> None:
+    """`--devices 2` on CPU: two worker processes, disjoint shards (the same code path as one per GPU)."""
+    out = tmp_path / "out"
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(seg3d_root / "imagesTr"), "--output", str(out),
+                "--devices", "2") == 0
+    assert "predicted 6 case(s), skipped 0, failed 0" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(p.name for p in (seg3d_root / "imagesTr").glob("*.nii.gz"))

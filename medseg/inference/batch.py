@@ -14,11 +14,12 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from medseg.data.datalist import case_id, load_dataset
@@ -98,38 +99,86 @@ def find_cases(source: str | Path, in_channels: int) -> list[dict[str, Any]]:
     return cases
 
 
-def predict_batch(checkpoints: list[str | Path], source: str | Path, options: PredictOptions) -> PredictReport:
-    """Predict every case of ``source`` with the ensemble of ``checkpoints``; see the module docstring."""
-    models = [load_model(path, device=options.device) for path in checkpoints]
-    _check_compatible(models, checkpoints)
-    task = models[0].task
-    cases = find_cases(source, models[0].hparams["in_channels"])
+def predict_batch(
+    checkpoints: list[str | Path], source: str | Path, options: PredictOptions, devices: int = 1
+) -> PredictReport:
+    """Predict every case of ``source`` with the ensemble of ``checkpoints``; see the module docstring.
+
+    Args:
+        devices: worker processes, one per device (``cuda:0..N-1``, or CPU workers when ``options.device`` is
+            ``cpu``); the cases are dealt out in disjoint shards, so each case is predicted exactly once.
+    """
+    first = load_model(checkpoints[0])
+    cases = find_cases(source, first.hparams["in_channels"])
     options.output.mkdir(parents=True, exist_ok=True)
-    finished = _finished_cases(task, cases, options)
-    report = PredictReport()
-    rows: list[dict[str, Any]] = list(finished.values()) if task == "classification" else []
+    finished = _finished_cases(first.task, cases, options)
+    todo = [case for case in cases if case["id"] not in finished]
+    report = PredictReport(skipped=[case["id"] for case in cases if case["id"] in finished])
+    rows: list[dict[str, Any]] = [row for row in finished.values() if row]
     doubts: list[dict[str, Any]] = []
-    for case in tqdm(cases, desc="predicting", unit="case"):
-        if case["id"] in finished:
-            report.skipped.append(case["id"])
-            continue
-        start = time.perf_counter()
-        try:
-            if task == "segmentation":
-                doubts.append(_predict_segmentation_case(models, case, options))
-            else:
-                rows.append(_predict_classification_case(models, case, options))
-        except (ImageReadError, OSError, ValueError, RuntimeError) as err:
-            report.failed[case["id"]] = str(err) if str(case["image"][0]) in str(err) else f"{case['image'][0]}: {err}"
-            log.error("%s failed: %s", case["id"], report.failed[case["id"]])
-            continue
-        report.done.append(case["id"])
-        log.info("%s done in %.2f s", case["id"], time.perf_counter() - start)
+    if devices <= 1:
+        results = [_run_shard([str(c) for c in checkpoints], todo, options, 0)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(max_workers=devices, mp_context=context) as pool:
+            futures = [
+                pool.submit(_run_shard, [str(c) for c in checkpoints], todo[rank::devices],
+                            replace(options, device=_device_of(options.device, rank)), rank, devices)
+                for rank in range(devices)
+            ]
+            results = [future.result() for future in futures]
+    for shard in results:
+        report.done += shard.done
+        report.failed.update(shard.failed)
+        rows += shard.rows
+        doubts += shard.doubts
     if rows:
-        _write_csv(options.output / "predictions.csv", rows)
+        order = {case["id"]: i for i, case in enumerate(cases)}
+        _write_csv(options.output / "predictions.csv", sorted(rows, key=lambda r: order.get(r["case"], -1)))
     if doubts and options.save_uncertainty:
         _write_csv(options.output / "uncertainty.csv", sorted(doubts, key=lambda r: -r["doubt"]))
     return report
+
+
+@dataclass
+class _ShardResult:
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    doubts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _device_of(device: str, rank: int) -> str:
+    return f"cuda:{rank}" if device.startswith("cuda") else device
+
+
+def _run_shard(
+    checkpoints: list[str], cases: list[dict[str, Any]], options: PredictOptions, rank: int, workers: int = 1
+) -> _ShardResult:
+    """Predict ``cases`` in this process (one worker of ``workers``); a failing case does not stop the rest."""
+    if workers > 1 and not options.device.startswith("cuda"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    models = [load_model(path, device=options.device) for path in checkpoints]
+    _check_compatible(models, checkpoints)
+    result = _ShardResult()
+    for case in tqdm(cases, desc=f"predicting [{options.device}]", unit="case", position=rank):
+        start = time.perf_counter()
+        try:
+            if models[0].task == "segmentation":
+                result.doubts.append(_predict_segmentation_case(models, case, options))
+            else:
+                result.rows.append(_predict_classification_case(models, case, options))
+        except (ImageReadError, OSError, ValueError, RuntimeError) as err:
+            reason = str(err) if str(case["image"][0]) in str(err) else f"{case['image'][0]}: {err}"
+            result.failed[case["id"]] = reason
+            log.error("%s failed: %s", case["id"], reason)
+            continue
+        result.done.append(case["id"])
+        log.info("%s done in %.2f s on %s", case["id"], time.perf_counter() - start, options.device)
+    return result
 
 
 def _finished_cases(task: str, cases: list[dict[str, Any]], options: PredictOptions) -> dict[str, Any]:
