@@ -173,3 +173,44 @@ def test_several_workers_predict_each_case_exactly_once(
                 "--devices", "2") == 0
     assert "predicted 6 case(s), skipped 0, failed 0" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(p.name for p in (seg3d_root / "imagesTr").glob("*.nii.gz"))
+
+
+def test_whole_image_roi_for_2d() -> None:
+    from medseg.inference.native import whole_image_roi
+
+    assert whole_image_roi([100, 37], [64, 48]) == [128, 48]  # steps 64 and 16: 100 -> 128, 37 -> 48 (>= patch)
+    assert whole_image_roi([200, 300], [96, 96]) == [224, 320]  # step 32
+
+
+def test_inputs_the_model_cannot_take_are_refused_with_the_file(seg3d_checkpoint: Path, seg3d_root: Path,
+                                                                seg2d_root: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(sorted((seg2d_root / "imagesTr").glob("*.nii.gz"))[0], folder / "flat.nii.gz")  # 2D image
+    shutil.copy(sorted((seg3d_root / "imagesTr").glob("*.nii.gz"))[0], folder / "good.nii.gz")
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(folder), "--output", str(tmp_path / "o")) == 1
+    err = capsys.readouterr().err
+    assert "flat.nii.gz" in err and "2D image, but the model is 3D" in err
+    assert (tmp_path / "o" / "good.nii.gz").is_file()
+
+
+def test_ensemble_members_with_different_preprocessing_meet_on_the_input_grid(seg3d_root: Path) -> None:
+    def member(spacing: list[float] | None) -> LoadedModel:
+        return LoadedModel(Threshold(), {"network": "t", "spatial_dims": 3, "in_channels": 1, "num_classes": 2,
+                                         "roi_size": [16, 16, 8],
+                                         "preprocessing_spec": {"intensity": "mri", "spacing": spacing}},
+                           "segmentation")
+
+    image = load_dataset(seg3d_root).training[0]["image"]
+    native = segmentation_members(member(None), image)[0]
+    coarse = segmentation_members(member([2.0, 2.0, 3.0]), image)[0]
+    assert native.shape == coarse.shape  # both on the input grid, though one ran on a 2x coarser grid
+    _, labels = combine([native, coarse])
+    assert float(np.mean(labels == native.argmax(0))) > 0.95
+
+
+def test_mixed_precision_is_used_on_cuda_only() -> None:
+    from medseg.inference.native import _autocast
+
+    assert isinstance(_autocast("cuda:0"), torch.autocast)
+    assert not isinstance(_autocast("cpu"), torch.autocast)

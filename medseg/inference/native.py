@@ -103,16 +103,17 @@ def segmentation_members(
     preprocess = preprocess_for(model)
     data = preprocess({"image": image})
     x = data["image"]
+    _check_input(model, x, image)
     hp = model.hparams
     batch = x.as_tensor()[None].to(device)
+    roi = hp["roi_size"] if hp["spatial_dims"] == 3 else whole_image_roi(x.shape[1:], hp["roi_size"])
     members = []
     for flip in flips:
         dims = [a + 2 for a in flip]
         view = torch.flip(batch, dims) if dims else batch
         with _autocast(device):
             logits = sliding_window_logits(
-                model.net, view, hp["roi_size"], sw_batch_size=hp.get("sw_batch_size", 4),
-                overlap=hp.get("overlap", 0.25),
+                model.net, view, roi, sw_batch_size=hp.get("sw_batch_size", 4), overlap=hp.get("overlap", 0.25)
             )
         probabilities = torch.softmax(logits.float(), dim=1)
         probabilities = torch.flip(probabilities, dims) if dims else probabilities
@@ -140,7 +141,9 @@ def classification_members(
     device: str | torch.device = "cpu",
 ) -> list[np.ndarray]:
     """Class probabilities ``(K,)`` of one case, one array per test-time flip."""
-    x = preprocess_for(model)({"image": image})["image"].as_tensor()[None].to(device)
+    x = preprocess_for(model)({"image": image})["image"]
+    _check_input(model, x, image)
+    x = x.as_tensor()[None].to(device)
     members = []
     for flip in flips:
         view = torch.flip(x, [a + 2 for a in flip]) if flip else x
@@ -148,6 +151,26 @@ def classification_members(
             logits = model.net(view)
         members.append(torch.softmax(logits.float(), dim=1)[0].cpu().numpy())
     return members
+
+
+def whole_image_roi(shape: Sequence[int], patch: Sequence[int]) -> list[int]:
+    """A 2D roi covering the whole image: each side rounded up to a multiple of the largest power of two
+    dividing the training patch side (the patch suited the network, so such sizes do too)."""
+    roi = []
+    for side, p in zip(shape, patch, strict=True):
+        step = int(p) & -int(p)  # largest power of two dividing p
+        roi.append(max(int(p), -(-int(side) // step) * step))
+    return roi
+
+
+def _check_input(model: LoadedModel, x: Any, image: str | list[str]) -> None:
+    """Refuse, naming the file, an input whose dimensionality or channel count the model cannot take."""
+    first = image if isinstance(image, str) else image[0]
+    dims, channels = model.hparams["spatial_dims"], model.hparams["in_channels"]
+    if x.ndim - 1 != dims:
+        raise ValueError(f"{first}: a {x.ndim - 1}D image, but the model is {dims}D")
+    if x.shape[0] != channels:
+        raise ValueError(f"{first}: {x.shape[0]} channel(s), but the model expects {channels}")
 
 
 def _autocast(device: str | torch.device) -> Any:
