@@ -84,8 +84,6 @@ def _demo(argv: list[str]) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    import logging
-
     import torch
 
     from medseg.inference.batch import PredictOptions, predict_batch
@@ -106,7 +104,8 @@ def _predict(argv: list[str]) -> int:
     group.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     group.add_argument("--resume", action="store_true", help="skip cases whose outputs exist")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.tta_axes is not None and not args.tta:
+        parser.error("--tta-axes needs --tta")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     steps = None
     if args.postprocess:
@@ -122,7 +121,11 @@ def _predict(argv: list[str]) -> int:
         save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=device,
         overwrite=args.overwrite, resume=args.resume,
     )
-    report = predict_batch(args.ckpt, args.input, options, devices=args.devices)
+    try:
+        report = predict_batch(args.ckpt, args.input, options, devices=args.devices)
+    except ValueError as err:  # bad checkpoint, mismatched ensemble, bad TTA axes, colliding case ids
+        print(f"medseg predict: {err}", file=sys.stderr)
+        return 2
     print(f"predicted {len(report.done)} case(s), skipped {len(report.skipped)}, failed {len(report.failed)}")
     for case, reason in report.failed.items():
         print(f"  FAILED {case}: {reason}", file=sys.stderr)

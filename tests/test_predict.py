@@ -114,8 +114,36 @@ def test_same_names_in_different_folders_do_not_collide(seg3d_root: Path, tmp_pa
     for site in ("siteA", "siteB"):
         (tmp_path / site).mkdir()
         shutil.copy(source, tmp_path / site / "scan.nii.gz")
+    shutil.copy(source, tmp_path / "siteA_scan.nii.gz")  # the name a naive "<folder>_<name>" id would take
+    (tmp_path / ".hidden.nii.gz").write_bytes(b"partial")  # temporary files are never inputs
     ids = [c["id"] for c in find_cases(tmp_path, in_channels=1)]
-    assert sorted(ids) == ["siteA_scan", "siteB_scan"]
+    assert sorted(ids) == ["siteA__scan", "siteA_scan", "siteB__scan"]
+    assert len(set(ids)) == len(ids)
+
+
+def test_the_output_folder_inside_the_input_is_not_read_back(seg3d_checkpoint: Path, seg3d_root: Path,
+                                                             tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(seg3d_root / "imagesTr", folder)
+    out = folder / "preds"
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(folder), "--output", str(out)) == 0
+    assert len(find_cases(folder, 1, exclude=out)) == 6  # the 6 predictions are not new cases
+
+
+def test_bad_checkpoints_and_options_stop_before_any_case(seg3d_checkpoint: Path, cls2d_checkpoint: Path,
+                                                          seg3d_root: Path, tmp_path: Path, capsys) -> None:
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    data = str(seg3d_root / "dataset.json")
+    assert _run("--ckpt", str(garbage), "--input", data, "--output", str(tmp_path / "a")) == 2
+    assert "garbage.ckpt" in capsys.readouterr().err
+    assert _run("--ckpt", str(seg3d_checkpoint), "--ckpt", str(cls2d_checkpoint), "--input", data,
+                "--output", str(tmp_path / "b")) == 2
+    assert str(cls2d_checkpoint) in capsys.readouterr().err
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", data, "--output", str(tmp_path / "c"),
+                "--tta", "--tta-axes", "3") == 2
+    assert "not spatial axes" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abc")
 
 
 def test_ensemble_with_tta_and_uncertainty(seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path) -> None:
@@ -214,3 +242,30 @@ def test_mixed_precision_is_used_on_cuda_only() -> None:
 
     assert isinstance(_autocast("cuda:0"), torch.autocast)
     assert not isinstance(_autocast("cpu"), torch.autocast)
+
+
+def test_probabilities_outside_a_foreground_crop_are_background(tmp_path: Path) -> None:
+    from medseg.data.io import write_nifti
+
+    image = np.zeros((20, 20, 10), np.float32)
+    image[5:15, 5:15, 3:7] = 1.0  # crop_foreground keeps only this box
+    path = write_nifti(image, np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "boxed.nii.gz")
+    model = LoadedModel(Threshold(), {"network": "t", "spatial_dims": 3, "in_channels": 1, "num_classes": 2,
+                                      "roi_size": [16, 16, 8],
+                                      "preprocessing_spec": {"crop_foreground": True}}, "segmentation")
+    probabilities = segmentation_members(model, str(path))[0]
+    assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
+    assert np.array_equal(probabilities.argmax(0), image.astype(np.int64))
+
+
+def test_resume_redoes_a_case_whose_side_outputs_are_missing(seg3d_checkpoint: Path, seg3d_root: Path,
+                                                             tmp_path: Path, capsys) -> None:
+    data, out = str(seg3d_root / "dataset.json"), tmp_path / "out"
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", data, "--output", str(out), "--save-probabilities") == 0
+    lost = sorted((out / "probabilities").glob("*.npz"))[0]
+    lost.unlink()  # as if the run died between the two writes
+    capsys.readouterr()
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", data, "--output", str(out), "--save-probabilities",
+                "--resume") == 0
+    assert "predicted 1 case(s), skipped 1" in capsys.readouterr().out
+    assert lost.is_file()

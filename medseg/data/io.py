@@ -7,8 +7,10 @@ Writes are atomic: a file is written under a temporary name and renamed, so no h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +31,11 @@ class ImageReadError(OSError):
 
 def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image_file(path: str | Path) -> bool:
+    """A file medseg reads as an image (NIfTI, PNG, JPG)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES + RASTER_SUFFIXES)
 
 
 def read_header(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -110,13 +117,26 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | Path, dtype: 
     img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
     img.set_sform(img.affine, code=1)
     img.set_qform(img.affine, code=1)
-    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """A temporary name beside ``path`` to write to; renamed to ``path`` on success, removed on failure.
+
+    The temporary name starts with a dot and keeps the suffix (``.nii.gz`` included), so readers that pick
+    files by suffix can skip it and writers that pick a format by suffix still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
-        nib.save(img, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path

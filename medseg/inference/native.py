@@ -37,6 +37,11 @@ class LoadedModel:
     hparams: dict[str, Any]
     task: str
 
+    def to(self, device: str | torch.device) -> LoadedModel:
+        """Move the network to ``device`` (in place) and return ``self``."""
+        self.net.to(device)
+        return self
+
     @property
     def label_names(self) -> list[str]:
         names = self.hparams.get("label_names")
@@ -52,8 +57,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = dict(ckpt.get("hyper_parameters") or {})
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, not a torch file, or pickled objects weights_only refuses
+        raise ValueError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {err})") from err
+    hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
     if "network" not in hparams or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a medseg checkpoint (no network name or state_dict)")
     task = ckpt.get("medseg_task", "segmentation")
@@ -119,7 +127,7 @@ def segmentation_members(
         probabilities = torch.flip(probabilities, dims) if dims else probabilities
         data["pred"] = _meta_like(x, probabilities[0].cpu())
         inverted = mt.Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=False)(data)
-        members.append(np.asarray(inverted["pred"].cpu().numpy(), dtype=np.float32))
+        members.append(_background_where_empty(np.asarray(inverted["pred"].cpu().numpy(), dtype=np.float32)))
     return members
 
 
@@ -151,6 +159,13 @@ def classification_members(
             logits = model.net(view)
         members.append(torch.softmax(logits.float(), dim=1)[0].cpu().numpy())
     return members
+
+
+def _background_where_empty(probabilities: np.ndarray) -> np.ndarray:
+    """Voxels the inverse preprocessing padded (outside a foreground crop) hold zeros: make them background."""
+    missing = np.clip(1.0 - probabilities.sum(axis=0), 0.0, 1.0)
+    probabilities[0] += missing
+    return probabilities
 
 
 def whole_image_roi(shape: Sequence[int], patch: Sequence[int]) -> list[int]:
