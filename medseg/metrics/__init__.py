@@ -1,0 +1,1 @@
+"""Metrics per case that agree with the references (MONAI for segmentation, scikit-learn for classification)."""

@@ -1,0 +1,109 @@
+"""Segmentation metrics per case and class, in physical units, agreeing with MONAI's definitions.
+
+Surfaces are the voxels of a mask that a 6-/4-connected erosion removes (``mask ^ erode(mask)``, the image
+border counting as outside), and surface distances are Euclidean distances in mm from one surface's voxels to
+the other surface (``scipy.ndimage.distance_transform_edt`` with the spacing), as MONAI's
+``get_mask_edges``/``get_surface_distance`` compute them.
+
+Conventions for empty masks (the summary counts how many cases hit each):
+
+=====================  ========================  =====================================================
+reference / prediction  both empty                one empty
+=====================  ========================  =====================================================
+dice, iou               1.0                       0.0
+hd95, assd              0.0                       ``empty_distance`` (NaN by default, or a worst value)
+nsd                     1.0                       0.0
+sensitivity             NaN (no positives)        0.0 if the prediction is empty, NaN if the reference is
+precision               NaN (no predictions)      0.0 if the reference is empty, NaN if the prediction is
+volume_diff_ml          0.0                       predicted minus reference volume, as always
+=====================  ========================  =====================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+METRICS = ("dice", "iou", "hd95", "assd", "nsd", "volume_diff_ml", "sensitivity", "precision")
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Boolean surface voxels of ``mask`` ``(X, Y[, Z])``: the voxels an erosion removes (border = outside)."""
+    mask = np.asarray(mask, dtype=bool)
+    return mask ^ ndimage.binary_erosion(mask)
+
+
+def surface_distances(
+    prediction: np.ndarray, reference: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from each prediction surface voxel to the reference surface, and the other way round.
+
+    Both masks must be non-empty.
+    """
+    edges_pred, edges_ref = surface(prediction), surface(reference)
+    to_ref = ndimage.distance_transform_edt(~edges_ref, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~edges_pred, sampling=spacing)
+    return to_ref[edges_pred], to_pred[edges_ref]
+
+
+def binary_metrics(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    spacing: Sequence[float],
+    nsd_tolerance_mm: float = 1.0,
+    empty_distance: float = float("nan"),
+) -> dict[str, float]:
+    """All metrics of one binary mask pair (see the module docstring for the empty-mask conventions).
+
+    Args:
+        prediction, reference: masks ``(X, Y[, Z])`` on one grid.
+        spacing: voxel size in mm along each axis.
+        nsd_tolerance_mm: tolerance of the normalised surface Dice.
+        empty_distance: hd95/assd when exactly one mask is empty.
+    """
+    pred = np.asarray(prediction, dtype=bool)
+    ref = np.asarray(reference, dtype=bool)
+    if pred.shape != ref.shape or len(spacing) != pred.ndim:
+        raise ValueError(f"shapes {pred.shape} / {ref.shape} and spacing {tuple(spacing)} do not match")
+    tp = float(np.logical_and(pred, ref).sum())
+    n_pred, n_ref = float(pred.sum()), float(ref.sum())
+    out = {
+        "volume_diff_ml": (n_pred - n_ref) * float(np.prod(spacing)) / 1000.0,
+        "sensitivity": tp / n_ref if n_ref else float("nan"),
+        "precision": tp / n_pred if n_pred else float("nan"),
+    }
+    if not n_pred and not n_ref:
+        return {**out, "dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0}
+    out["dice"] = 2.0 * tp / (n_pred + n_ref)
+    out["iou"] = tp / (n_pred + n_ref - tp)
+    if not n_pred or not n_ref:
+        return {**out, "hd95": empty_distance, "assd": empty_distance, "nsd": 0.0}
+    to_ref, to_pred = surface_distances(pred, ref, spacing)
+    out["hd95"] = float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
+    out["assd"] = float(np.concatenate([to_ref, to_pred]).mean())
+    close = (to_ref <= nsd_tolerance_mm).sum() + (to_pred <= nsd_tolerance_mm).sum()
+    out["nsd"] = float(close / (len(to_ref) + len(to_pred)))
+    return out
+
+
+def case_metrics(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    spacing: Sequence[float],
+    classes: Sequence[int],
+    nsd_tolerance_mm: float = 1.0,
+    empty_distance: float = float("nan"),
+) -> dict[int, dict[str, float]]:
+    """Metrics of one case for every foreground class: ``{class: {metric: value}}``.
+
+    Args:
+        prediction, reference: label maps ``(X, Y[, Z])`` on one grid.
+        spacing: voxel size in mm.
+        classes: the foreground label values to score (a class absent from both scores as "both empty").
+    """
+    return {
+        int(c): binary_metrics(prediction == c, reference == c, spacing, nsd_tolerance_mm, empty_distance)
+        for c in classes
+    }
