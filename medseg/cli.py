@@ -19,6 +19,7 @@ commands:
   validate        run validation on a checkpoint      (medseg validate --config C.yaml --ckpt_path X.ckpt)
   test            run the test loop on a checkpoint   (medseg test --config C.yaml --ckpt_path X.ckpt)
   predict         predict a folder or dataset.json with one or more checkpoints, on each input's own grid
+  evaluate        score a folder of predictions against references: per_case.csv, summary.csv/json
   demo            make a synthetic 3D dataset, train a small 3D U-Net, report held-out Dice
   make-synthetic  write a synthetic Decathlon-style dataset
   check-data      read every case of a dataset and report every problem
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_lightning(argv)
         if command == "predict":
             return _predict(rest)
+        if command == "evaluate":
+            return _evaluate(rest)
         if command == "demo":
             return _demo(rest)
         if command == "make-synthetic":
@@ -130,6 +133,31 @@ def _predict(argv: list[str]) -> int:
     for case, reason in report.failed.items():
         print(f"  FAILED {case}: {reason}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    from medseg.evaluation.evaluate import evaluate_segmentation
+
+    parser = argparse.ArgumentParser(prog="medseg evaluate", description=_doc("evaluate"))
+    parser.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions")
+    parser.add_argument("--truth", required=True, help="folder of reference label files, or a dataset.json")
+    parser.add_argument("--output", required=True, help="folder for per_case.csv, summary.csv, summary.json")
+    parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
+    parser.add_argument("--empty-distance", type=float, default=float("nan"),
+                        help="hd95/assd when exactly one mask is empty (default NaN: left out of the means)")
+    args = parser.parse_args(argv)
+    try:
+        summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, args.empty_distance)
+    except ValueError as err:
+        print(f"medseg evaluate: {err}", file=sys.stderr)
+        return 2
+    fg = summary["foreground_mean"]
+    print(f"{summary['cases']} case(s): foreground mean Dice {fg['dice']:.4f}, HD95 {fg['hd95']:.2f} mm, "
+          f"NSD {fg['nsd']:.4f}; tables in {args.output}")
+    for key in ("missing_predictions", "unmatched_predictions"):
+        if summary[key]:
+            print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)
+    return 1 if summary["missing_predictions"] else 0
 
 
 def _make_synthetic(argv: list[str]) -> int:

@@ -1,0 +1,130 @@
+"""``medseg evaluate`` for segmentation: prediction folder + references -> per_case.csv, summary.csv/json.
+
+Cases present on one side only are reported (in the summary and on the console), never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medseg.data.datalist import case_id, load_dataset
+from medseg.data.io import atomic_path, is_image_file, read_image, spacing_from_affine
+from medseg.metrics.segmentation import METRICS, case_metrics
+
+SUMMARY_STATS = ("mean", "std", "median", "n")
+
+
+def reference_cases(truth: str | Path) -> tuple[dict[str, str], list[int] | None]:
+    """Reference label files by case id, and the foreground classes if a ``dataset.json`` declares them.
+
+    Args:
+        truth: a folder of label files, or a ``dataset.json`` (its labelled ``test`` cases, else ``training``).
+    """
+    truth = Path(truth)
+    if truth.is_file() or (truth / "dataset.json").is_file():
+        spec = load_dataset(truth)
+        cases = [c for c in spec.test if c["label"]] or spec.training
+        return {c["id"]: c["label"] for c in cases}, [k for k in spec.labels if k > 0]
+    files = sorted(p for p in truth.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    return {case_id(p): str(p) for p in files}, None
+
+
+def evaluate_segmentation(
+    pred: str | Path,
+    truth: str | Path,
+    output: str | Path,
+    nsd_tolerance_mm: float = 1.0,
+    empty_distance: float = float("nan"),
+) -> dict[str, Any]:
+    """Score every prediction ``<pred>/<case>.nii.gz`` against its reference; write the tables.
+
+    Returns:
+        The summary dict written to ``summary.json``.
+    """
+    pred, output = Path(pred), Path(output)
+    references, classes = reference_cases(truth)
+    predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
+    matched = sorted(set(references) & set(predictions))
+    rows: list[dict[str, Any]] = []
+    for case in tqdm(matched, desc="evaluating", unit="case"):
+        reference, affine = read_image(references[case])
+        prediction, pred_affine = read_image(predictions[case])
+        if prediction.shape != reference.shape or not np.allclose(pred_affine, affine, atol=1e-3):
+            raise ValueError(f"{predictions[case]}: grid {prediction.shape} does not match the reference "
+                             f"{references[case]} {reference.shape} (shape or affine)")
+        found = classes or sorted(int(v) for v in np.unique(np.concatenate([np.unique(reference), np.unique(prediction)])) if v > 0)
+        spacing = spacing_from_affine(affine, reference.ndim)
+        scores = case_metrics(prediction.round(), reference.round(), spacing, found, nsd_tolerance_mm, empty_distance)
+        rows += [{"case": case, "class": c, **values} for c, values in scores.items()]
+    summary = summarize(rows)
+    summary["cases"] = len(matched)
+    summary["missing_predictions"] = sorted(set(references) - set(predictions))
+    summary["unmatched_predictions"] = sorted(set(predictions) - set(references))
+    summary["conventions"] = _convention_counts(rows)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_rows(output / "per_case.csv", rows, ["case", "class", *METRICS])
+    _write_rows(output / "summary.csv", _summary_rows(summary), ["class", "metric", *SUMMARY_STATS])
+    with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
+        json.dump(_nan_to_none(summary), handle, indent=2)
+    return summary
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, std, median and count (NaN ignored) of each metric per class, and the foreground mean
+    (the mean over classes of the per-class means)."""
+    per_class: dict[str, Any] = {}
+    for c in sorted({r["class"] for r in rows}):
+        per_class[str(c)] = {m: _stats([r[m] for r in rows if r["class"] == c]) for m in METRICS}
+    foreground = {
+        m: float(np.nanmean([v[m]["mean"] for v in per_class.values()])) if per_class else float("nan")
+        for m in METRICS
+    }
+    return {"per_class": per_class, "foreground_mean": foreground}
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    if not len(finite):
+        return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0}
+    return {"mean": float(finite.mean()), "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0,
+            "median": float(np.median(finite)), "n": int(len(finite))}
+
+
+def _convention_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many case/class pairs hit an empty-mask convention (see medseg.metrics.segmentation)."""
+    both = sum(1 for r in rows if math.isnan(r["sensitivity"]) and math.isnan(r["precision"]))
+    missed = sum(1 for r in rows if r["sensitivity"] == 0.0 and math.isnan(r["precision"]))
+    spurious = sum(1 for r in rows if r["precision"] == 0.0 and math.isnan(r["sensitivity"]))
+    return {"both_empty": both, "prediction_empty": missed, "reference_empty": spurious}
+
+
+def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [{"class": c, "metric": m, **s} for c, metrics in summary["per_class"].items() for m, s in metrics.items()]
+    rows += [{"class": "foreground", "metric": m, "mean": v, "std": "", "median": "", "n": ""}
+             for m, v in summary["foreground_mean"].items()]
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _nan_to_none(value: Any) -> Any:
+    """NaN is not JSON: it becomes ``null``."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
