@@ -19,6 +19,7 @@ commands:
   validate        run validation on a checkpoint      (medseg validate --config C.yaml --ckpt_path X.ckpt)
   test            run the test loop on a checkpoint   (medseg test --config C.yaml --ckpt_path X.ckpt)
   predict         predict a folder or dataset.json with one or more checkpoints, on each input's own grid
+  cv              cross-validate a config: folds trained, out-of-fold predictions, pooled evaluation
   evaluate        score a folder of predictions against references: per_case.csv, summary.csv/json
   demo            make a synthetic 3D dataset, train a small 3D U-Net, report held-out Dice
   make-synthetic  write a synthetic Decathlon-style dataset
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(rest)
         if command == "evaluate":
             return _evaluate(rest)
+        if command == "cv":
+            return _cv(rest)
         if command == "demo":
             return _demo(rest)
         if command == "make-synthetic":
@@ -133,6 +136,34 @@ def _predict(argv: list[str]) -> int:
     for case, reason in report.failed.items():
         print(f"  FAILED {case}: {reason}", file=sys.stderr)
     return 1 if report.failed else 0
+
+
+def _cv(argv: list[str]) -> int:
+    from medseg.evaluation.crossval import run_cv
+    from medseg.evaluation.splits import STRATEGIES
+
+    parser = argparse.ArgumentParser(
+        prog="medseg cv", description=_doc("cv"),
+        epilog="Any other argument is a `medseg fit` override applied to every fold, e.g. --trainer.max_epochs 1",
+    )
+    parser.add_argument("--config", required=True, help="the training config (as for medseg fit)")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--strategy", choices=STRATEGIES, default="kfold")
+    parser.add_argument("--holdout-fraction", type=float, default=0.2)
+    parser.add_argument("--fold", type=int, default=None, help="run this fold only")
+    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument("--output", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        result = run_cv(args.config, args.output, args.folds, args.strategy, args.holdout_fraction, args.fold,
+                        args.seed, overrides)
+    except ValueError as err:
+        print(f"medseg cv: {err}", file=sys.stderr)
+        return 2
+    metrics = result.get("metrics", {})
+    shown = {k: round(v, 4) for k, v in metrics.items() if k in ("dice", "hd95", "nsd", "accuracy", "auc", "f1_macro")}
+    print(f"cross-validation ({result['folds']} folds) in {args.output}: {shown}")
+    return 0
 
 
 def _evaluate(argv: list[str]) -> int:

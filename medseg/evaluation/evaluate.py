@@ -21,12 +21,15 @@ from medseg.metrics.segmentation import METRICS, case_metrics
 SUMMARY_STATS = ("mean", "std", "median", "n")
 
 
-def reference_cases(truth: str | Path) -> tuple[dict[str, str], list[int] | None]:
+def reference_cases(truth: str | Path | dict[str, str]) -> tuple[dict[str, str], list[int] | None]:
     """Reference label files by case id, and the foreground classes if a ``dataset.json`` declares them.
 
     Args:
-        truth: a folder of label files, or a ``dataset.json`` (its labelled ``test`` cases, else ``training``).
+        truth: a folder of label files, a ``dataset.json`` (its labelled ``test`` cases, else ``training``),
+            or already a mapping ``case id -> label file``.
     """
+    if isinstance(truth, dict):
+        return dict(truth), None
     truth = Path(truth)
     if truth.is_file() or (truth / "dataset.json").is_file():
         spec = load_dataset(truth)
@@ -38,18 +41,22 @@ def reference_cases(truth: str | Path) -> tuple[dict[str, str], list[int] | None
 
 def evaluate_segmentation(
     pred: str | Path,
-    truth: str | Path,
+    truth: str | Path | dict[str, str],
     output: str | Path,
     nsd_tolerance_mm: float = 1.0,
     empty_distance: float = float("nan"),
+    classes: list[int] | None = None,
 ) -> dict[str, Any]:
     """Score every prediction ``<pred>/<case>.nii.gz`` against its reference; write the tables.
+
+    ``classes`` (foreground label values) overrides what the references declare or contain.
 
     Returns:
         The summary dict written to ``summary.json``.
     """
     pred, output = Path(pred), Path(output)
-    references, classes = reference_cases(truth)
+    references, declared = reference_cases(truth)
+    classes = classes or declared
     predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
     matched = sorted(set(references) & set(predictions))
     rows: list[dict[str, Any]] = []

@@ -117,11 +117,16 @@ def _folder_cases(source: Path, in_channels: int, exclude: Path | None) -> list[
 
 
 def predict_batch(
-    checkpoints: list[str | Path], source: str | Path, options: PredictOptions, devices: int = 1
+    checkpoints: list[str | Path],
+    source: str | Path | None,
+    options: PredictOptions,
+    devices: int = 1,
+    cases: list[dict[str, Any]] | None = None,
 ) -> PredictReport:
     """Predict every case of ``source`` with the ensemble of ``checkpoints``; see the module docstring.
 
     Args:
+        cases: the cases to predict (``{"id", "image": [files]}``) instead of reading ``source``.
         devices: worker processes, one per device (``cuda:K..K+N-1`` from ``--device cuda:K``, or CPU workers
             when ``options.device`` is ``cpu``); the cases are dealt out in disjoint shards, so each case is
             predicted exactly once, and a worker that dies marks only its own cases as failed.
@@ -134,7 +139,8 @@ def predict_batch(
     _check_compatible(models, checkpoints)
     if options.tta:
         flip_sets(models[0].hparams["spatial_dims"], options.tta_axes)
-    cases = find_cases(source, models[0].hparams["in_channels"], exclude=options.output)
+    if cases is None:
+        cases = find_cases(source, models[0].hparams["in_channels"], exclude=options.output)
     options.output.mkdir(parents=True, exist_ok=True)
     finished = _finished_cases(models[0].task, cases, options)
     todo = [case for case in cases if case["id"] not in finished]

@@ -1,0 +1,116 @@
+"""``medseg cv``: train every fold through ``medseg fit``, predict each fold's held-out cases through the same
+path as ``medseg predict``, and evaluate the pooled out-of-fold predictions.
+
+Output folder::
+
+    splits.json                 the folds (reused on the next run)
+    fold_<k>/                   each fold's run (config.yaml, checkpoints/, metrics.csv, ...)
+    predictions/                out-of-fold <case>.nii.gz (segmentation), or fold_<k>/predictions.csv
+                                merged into predictions.csv (classification)
+    per_case.csv, summary.*     the evaluation of the pooled predictions
+    cv.json                     folds, checkpoints and the headline metrics
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
+from medseg.data.io import atomic_path
+from medseg.evaluation.evaluate import evaluate_segmentation
+from medseg.evaluation.splits import fold_of, load_or_make_splits
+from medseg.inference.batch import PredictOptions, predict_batch
+from medseg.metrics.classification import classification_metrics
+
+
+def dataset_of(config: str | Path, overrides: list[str]) -> DatasetSpec:
+    """The dataset a config trains on: ``data.root`` of the YAML, or of a ``--data.root`` override."""
+    root = (yaml.safe_load(Path(config).read_text()) or {}).get("data", {}).get("root")
+    for i, arg in enumerate(overrides):
+        if arg == "--data.root" and i + 1 < len(overrides):
+            root = overrides[i + 1]
+        elif arg.startswith("--data.root="):
+            root = arg.split("=", 1)[1]
+    if not root:
+        raise ValueError(f"{config}: no data.root (give --data.root DIR)")
+    return load_dataset(root)
+
+
+def run_cv(
+    config: str | Path,
+    output: str | Path,
+    folds: int = 5,
+    strategy: str = "kfold",
+    holdout_fraction: float = 0.2,
+    fold: int | None = None,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Cross-validate ``config``; see the module docstring. ``overrides`` are ``medseg fit`` arguments applied to
+    every fold (e.g. ``["--trainer.max_epochs", "1"]``); ``fold`` runs one fold only (no pooled evaluation).
+    """
+    from medseg.lightning_cli import MedSegCLI
+
+    output, overrides = Path(output), list(overrides or [])
+    spec = dataset_of(config, overrides)
+    splits = load_or_make_splits(output / "splits.json", spec.training, strategy=strategy, folds=folds, seed=seed,
+                                 holdout_fraction=holdout_fraction)
+    chosen = [fold] if fold is not None else list(range(len(splits)))
+    for k in chosen:
+        fold_of(splits, k)  # out of range: an error before anything trains
+    by_id = {case["id"]: case for case in spec.training}
+    checkpoints: dict[int, str] = {}
+    for k in chosen:
+        val = fold_of(splits, k)["val"]
+        cli = MedSegCLI(args=[
+            "fit", "--config", str(config), *overrides, "--data.val_cases", json.dumps(val),
+            "--trainer.default_root_dir", str(output / f"fold_{k}"), "--seed_everything", str(seed),
+        ])
+        callback = cli.trainer.checkpoint_callback
+        checkpoints[k] = callback.best_model_path or callback.last_model_path
+        # Segmentation writes one file per case, so every fold shares one folder; classification writes one
+        # table per run, so each fold has its own, merged below.
+        target = output / "predictions" / ("" if spec.task == SEGMENTATION else f"fold_{k}")
+        predict_batch(
+            [checkpoints[k]], None, PredictOptions(output=target, overwrite=True),
+            cases=[{"id": i, "image": by_id[i]["image"]} for i in val],
+        )
+    result: dict[str, Any] = {"config": str(config), "overrides": shlex.join(overrides), "strategy": strategy,
+                              "folds": len(splits), "checkpoints": checkpoints}
+    if fold is None:
+        result["metrics"] = _evaluate_pooled(spec, output)
+    with atomic_path(output / "cv.json") as tmp, open(tmp, "w") as handle:
+        json.dump(result, handle, indent=2, default=str)
+    return result
+
+
+def _evaluate_pooled(spec: DatasetSpec, output: Path) -> dict[str, Any]:
+    if spec.task == SEGMENTATION:
+        summary = evaluate_segmentation(
+            output / "predictions", {c["id"]: c["label"] for c in spec.training}, output,
+            classes=[k for k in spec.labels if k > 0],
+        )
+        return summary["foreground_mean"]
+    rows = []
+    for table in sorted((output / "predictions").glob("fold_*/predictions.csv")):
+        with table.open(newline="") as handle:
+            rows += list(csv.DictReader(handle))
+    with atomic_path(output / "predictions" / "predictions.csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    truth = {c["id"]: c["label"] for c in spec.training}
+    names = spec.label_names
+    y_true = np.array([truth[row["case"]] for row in rows])
+    probabilities = np.array([[float(row[f"p_{name}"]) for name in names] for row in rows])
+    metrics = classification_metrics(y_true, probabilities, names)
+    with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    return metrics
