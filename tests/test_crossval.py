@@ -26,6 +26,9 @@ def test_segmentation_cv_end_to_end_and_reproducible(seg2d_root: Path, tmp_path:
     with (out / "per_case.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(ids) * 2  # two foreground classes per case
+    from medseg.inference.postprocess import load_postprocessing
+
+    assert isinstance(load_postprocessing(out / "postprocessing.json"), list)  # what predict --postprocess reads
     cv = json.loads((out / "cv.json").read_text())
     assert set(cv["checkpoints"]) == {"0", "1"} and "dice" in cv["metrics"]
     # Same seed, a fresh folder: identical splits and identical metrics on the CPU.

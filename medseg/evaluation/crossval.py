@@ -8,6 +8,7 @@ Output folder::
     predictions/                out-of-fold <case>.nii.gz (segmentation), or fold_<k>/predictions.csv
                                 merged into predictions.csv (classification)
     per_case.csv, summary.*     the evaluation of the pooled predictions
+    postprocessing.json         segmentation: the post-processing that helped on them (``predict --postprocess``)
     cv.json                     folds, checkpoints and the headline metrics
 """
 
@@ -23,10 +24,12 @@ import numpy as np
 import yaml
 
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
-from medseg.data.io import atomic_path
+from medseg.data.io import atomic_path, read_image, spacing_from_affine
 from medseg.evaluation.evaluate import evaluate_segmentation
+from medseg.evaluation.postprocess_choice import Case, choose_postprocessing
 from medseg.evaluation.splits import fold_of, load_or_make_splits
 from medseg.inference.batch import PredictOptions, predict_batch
+from medseg.inference.postprocess import save_postprocessing
 from medseg.metrics.classification import classification_metrics
 
 
@@ -93,10 +96,11 @@ def run_cv(
 
 def _evaluate_pooled(spec: DatasetSpec, output: Path) -> dict[str, Any]:
     if spec.task == SEGMENTATION:
+        classes = [k for k in spec.labels if k > 0]
         summary = evaluate_segmentation(
-            output / "predictions", {c["id"]: c["label"] for c in spec.training}, output,
-            classes=[k for k in spec.labels if k > 0],
+            output / "predictions", {c["id"]: c["label"] for c in spec.training}, output, classes=classes
         )
+        _choose_postprocessing(spec, output, classes)
         return summary["foreground_mean"]
     rows = []
     for table in sorted((output / "predictions").glob("fold_*/predictions.csv")):
@@ -114,3 +118,17 @@ def _evaluate_pooled(spec: DatasetSpec, output: Path) -> dict[str, Any]:
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(metrics, handle, indent=2)
     return metrics
+
+
+def _choose_postprocessing(spec: DatasetSpec, output: Path, classes: list[int]) -> None:
+    """Pick post-processing on the out-of-fold predictions; write ``postprocessing.json`` (maybe empty)."""
+    cases = []
+    for case in spec.training:
+        prediction, affine = read_image(output / "predictions" / f"{case['id']}.nii.gz")
+        reference, _ = read_image(case["label"])
+        cases.append(Case(prediction.round().astype(np.int16), reference.round().astype(np.int16),
+                          spacing_from_affine(affine, reference.ndim)))
+    steps, scores = choose_postprocessing(cases, classes)
+    save_postprocessing(steps, output / "postprocessing.json")
+    with atomic_path(output / "postprocessing_scores.json") as tmp, open(tmp, "w") as handle:
+        json.dump({"classes": classes, **scores}, handle, indent=2)
