@@ -167,17 +167,20 @@ def _cv(argv: list[str]) -> int:
 
 
 def _evaluate(argv: list[str]) -> int:
-    from medseg.evaluation.evaluate import evaluate_segmentation
+    from medseg.evaluation.evaluate import evaluate_classification, evaluate_segmentation
 
     parser = argparse.ArgumentParser(prog="medseg evaluate", description=_doc("evaluate"))
-    parser.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions")
+    parser.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions, or predictions.csv")
     parser.add_argument("--truth", required=True, help="folder of reference label files, or a dataset.json")
     parser.add_argument("--output", required=True, help="folder for per_case.csv, summary.csv, summary.json")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
     parser.add_argument("--empty-distance", type=float, default=float("nan"),
                         help="hd95/assd when exactly one mask is empty (default NaN: left out of the means)")
     args = parser.parse_args(argv)
+    pred = Path(args.pred)
     try:
+        if pred.suffix == ".csv" or (pred / "predictions.csv").is_file():
+            return _report_classification(evaluate_classification(pred, args.truth, args.output), args.output)
         summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, args.empty_distance)
     except ValueError as err:
         print(f"medseg evaluate: {err}", file=sys.stderr)
@@ -185,6 +188,15 @@ def _evaluate(argv: list[str]) -> int:
     fg = summary["foreground_mean"]
     print(f"{summary['cases']} case(s): foreground mean Dice {fg['dice']:.4f}, HD95 {fg['hd95']:.2f} mm, "
           f"NSD {fg['nsd']:.4f}; tables in {args.output}")
+    for key in ("missing_predictions", "unmatched_predictions"):
+        if summary[key]:
+            print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)
+    return 1 if summary["missing_predictions"] else 0
+
+
+def _report_classification(summary: dict, output: str) -> int:
+    print(f"{summary['cases']} case(s): accuracy {summary['accuracy']:.4f}, AUC {summary['auc']:.4f}, "
+          f"macro F1 {summary['f1_macro']:.4f}, ECE {summary['ece']:.4f}; tables and plots in {output}")
     for key in ("missing_predictions", "unmatched_predictions"):
         if summary[key]:
             print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)

@@ -65,3 +65,37 @@ def test_a_prediction_on_another_grid_is_refused(seg3d_root: Path, tmp_path: Pat
     code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(seg3d_root), "--output",
                  str(tmp_path / "e")])
     assert code == 2 and "does not match the reference" in capsys.readouterr().err
+
+
+def test_classification_evaluation_writes_metrics_and_pictures(cls2d_checkpoint: Path, cls2d_root: Path,
+                                                               tmp_path: Path) -> None:
+    import sklearn.metrics as skm
+    from PIL import Image
+
+    assert main(["predict", "--ckpt", str(cls2d_checkpoint), "--input", str(cls2d_root / "dataset.json"),
+                 "--output", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert main(["evaluate", "--pred", str(tmp_path / "p"), "--truth", str(cls2d_root),
+                 "--output", str(tmp_path / "e")]) == 0
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    with (tmp_path / "p" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    truth = {c["id"]: c["label"] for c in load_dataset(cls2d_root).training}
+    y = [truth[r["case"]] for r in rows]
+    assert summary["auc"] == pytest.approx(skm.roc_auc_score(y, [float(r["p_class1"]) for r in rows]), abs=1e-6)
+    assert summary["cases"] == len(rows) and summary["missing_predictions"] == []
+    for name in ("roc.png", "reliability.png", "confusion.png"):
+        with Image.open(tmp_path / "e" / name) as img:
+            assert img.format == "PNG" and min(img.size) > 200
+
+
+def test_roc_points_match_sklearn() -> None:
+    import sklearn.metrics as skm
+
+    from medseg.evaluation.plots import roc_points
+
+    rng = np.random.default_rng(0)
+    y = rng.random(60) > 0.5
+    scores = np.round(rng.random(60), 1)  # many ties
+    fpr, tpr = roc_points(y, scores)
+    ref_fpr, ref_tpr, _ = skm.roc_curve(y, scores, drop_intermediate=False)
+    assert np.allclose(fpr, ref_fpr) and np.allclose(tpr, ref_tpr)

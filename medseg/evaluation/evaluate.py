@@ -135,3 +135,40 @@ def _nan_to_none(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
+
+
+def evaluate_classification(predictions: str | Path, truth: str | Path, output: str | Path) -> dict[str, Any]:
+    """Score ``predictions.csv`` (from ``medseg predict``) against the dataset's class labels.
+
+    Writes ``summary.json``/``summary.csv`` (every metric of :func:`classification_metrics`), ``roc.png``,
+    ``reliability.png`` and ``confusion.png``. Cases on one side only are listed in the summary.
+    """
+    from medseg.evaluation.plots import confusion_png, reliability_png, roc_png
+    from medseg.metrics.classification import classification_metrics
+
+    predictions, output = Path(predictions), Path(output)
+    table = predictions / "predictions.csv" if predictions.is_dir() else predictions
+    spec = load_dataset(truth)
+    labels = {c["id"]: c["label"] for c in spec.training + spec.test if c["label"] is not None}
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    names = spec.label_names
+    missing_columns = [f"p_{n}" for n in names if f"p_{n}" not in (rows[0] if rows else {})]
+    if missing_columns:
+        raise ValueError(f"{table}: no column(s) {missing_columns} for the dataset's classes")
+    matched = [r for r in rows if r["case"] in labels]
+    y_true = np.array([labels[r["case"]] for r in matched])
+    probabilities = np.array([[float(r[f"p_{n}"]) for n in names] for r in matched])
+    summary: dict[str, Any] = classification_metrics(y_true, probabilities, names)
+    summary["cases"] = len(matched)
+    summary["missing_predictions"] = sorted(set(labels) - {r["case"] for r in rows})
+    summary["unmatched_predictions"] = sorted({r["case"] for r in rows} - set(labels))
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
+        json.dump(_nan_to_none(summary), handle, indent=2)
+    scalar = [{"metric": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float))]
+    _write_rows(output / "summary.csv", scalar, ["metric", "value"])
+    roc_png(y_true, probabilities, names, output / "roc.png")
+    reliability_png(y_true, probabilities, output / "reliability.png")
+    confusion_png(y_true, probabilities.argmax(axis=1), names, output / "confusion.png")
+    return summary
