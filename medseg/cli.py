@@ -20,6 +20,7 @@ commands:
   test            run the test loop on a checkpoint   (medseg test --config C.yaml --ckpt_path X.ckpt)
   predict         predict a folder or dataset.json with one or more checkpoints, on each input's own grid
   cv              cross-validate a config: folds trained, out-of-fold predictions, pooled evaluation
+  benchmark       cross-validate several configs on the same splits; results.csv, report.md/html
   evaluate        score a folder of predictions against references: per_case.csv, summary.csv/json
   demo            make a synthetic 3D dataset, train a small 3D U-Net, report held-out Dice
   make-synthetic  write a synthetic Decathlon-style dataset
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(rest)
         if command == "cv":
             return _cv(rest)
+        if command == "benchmark":
+            return _benchmark(rest)
         if command == "demo":
             return _demo(rest)
         if command == "make-synthetic":
@@ -163,6 +166,29 @@ def _cv(argv: list[str]) -> int:
     metrics = result.get("metrics", {})
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("dice", "hd95", "nsd", "accuracy", "auc", "f1_macro")}
     print(f"cross-validation ({result['folds']} folds) in {args.output}: {shown}")
+    return 0
+
+
+def _benchmark(argv: list[str]) -> int:
+    from medseg.evaluation.benchmark import run_benchmark
+    from medseg.evaluation.splits import STRATEGIES
+
+    parser = argparse.ArgumentParser(
+        prog="medseg benchmark", description=_doc("benchmark"),
+        epilog="Any other argument is a `medseg fit` override applied to every config and fold",
+    )
+    parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--strategy", choices=STRATEGIES, default="kfold")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        run_benchmark(args.configs, args.output, args.folds, args.strategy, args.seed, overrides)
+    except ValueError as err:
+        print(f"medseg benchmark: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {Path(args.output) / 'report.html'}")
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,22 @@ def run_cv(
         fold_of(splits, k)  # out of range: an error before anything trains
     by_id = {case["id"]: case for case in spec.training}
     checkpoints: dict[int, str] = {}
+    timing = {"train_seconds": 0.0, "predict_seconds": 0.0, "predicted_cases": 0}
+    log_dirs: dict[int, str] = {}
+    parameters = 0
     for k in chosen:
         val = fold_of(splits, k)["val"]
+        start = time.perf_counter()
         cli = MedSegCLI(args=[
             "fit", "--config", str(config), *overrides, "--data.val_cases", json.dumps(val),
             "--trainer.default_root_dir", str(output / f"fold_{k}"), "--seed_everything", str(seed),
         ])
+        timing["train_seconds"] += time.perf_counter() - start
         callback = cli.trainer.checkpoint_callback
         checkpoints[k] = callback.best_model_path or callback.last_model_path
+        log_dirs[k] = str(cli.trainer.log_dir)
+        parameters = sum(p.numel() for p in cli.model.net.parameters())
+        start = time.perf_counter()
         # Segmentation writes one file per case, so every fold shares one folder; classification writes one
         # table per run, so each fold has its own, merged below.
         target = output / "predictions" / ("" if spec.task == SEGMENTATION else f"fold_{k}")
@@ -85,8 +94,14 @@ def run_cv(
             [checkpoints[k]], None, PredictOptions(output=target, overwrite=True),
             cases=[{"id": i, "image": by_id[i]["image"]} for i in val],
         )
-    result: dict[str, Any] = {"config": str(config), "overrides": shlex.join(overrides), "strategy": strategy,
-                              "folds": len(splits), "checkpoints": checkpoints}
+        timing["predict_seconds"] += time.perf_counter() - start
+        timing["predicted_cases"] += len(val)
+    result: dict[str, Any] = {
+        "config": str(config), "overrides": shlex.join(overrides), "strategy": strategy, "folds": len(splits),
+        "checkpoints": checkpoints, "log_dirs": log_dirs, "parameters": parameters, "task": spec.task,
+        "train_seconds": timing["train_seconds"],
+        "predict_seconds_per_case": timing["predict_seconds"] / max(timing["predicted_cases"], 1),
+    }
     if fold is None:
         result["metrics"] = _evaluate_pooled(spec, output)
     with atomic_path(output / "cv.json") as tmp, open(tmp, "w") as handle:

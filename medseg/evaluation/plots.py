@@ -21,7 +21,8 @@ def roc_points(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np
     return np.r_[0.0, fp / max(fp[-1], 1)], np.r_[0.0, tp / max(tp[-1], 1)]
 
 
-def _figure():  # noqa: ANN202 - matplotlib types
+def pyplot():  # noqa: ANN202 - matplotlib types
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,16 +31,17 @@ def _figure():  # noqa: ANN202 - matplotlib types
     return plt
 
 
-def _save(fig, path: Path) -> Path:  # noqa: ANN001
+def save_figure(fig, path: Path) -> Path:  # noqa: ANN001
+    """Write ``fig`` as a PNG atomically and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    _figure().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def roc_png(y_true: np.ndarray, probabilities: np.ndarray, names: Sequence[str], path: Path) -> Path:
     """One-vs-rest ROC curve per class (only class 1 for a binary problem), AUC in the legend."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     shown = [1] if len(names) == 2 else range(len(names))
     for k in shown:
@@ -51,13 +53,13 @@ def roc_png(y_true: np.ndarray, probabilities: np.ndarray, names: Sequence[str],
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def reliability_png(y_true: np.ndarray, probabilities: np.ndarray, path: Path, bins: int = 15) -> Path:
     """Accuracy against confidence per bin (top label), with the bin counts underneath."""
     curve = reliability_curve(y_true, probabilities, bins)
-    plt = _figure()
+    plt = pyplot()
     fig, (ax, counts) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     centres = (curve["edges"][:-1] + curve["edges"][1:]) / 2
     width = np.diff(curve["edges"])
@@ -67,17 +69,17 @@ def reliability_png(y_true: np.ndarray, probabilities: np.ndarray, path: Path, b
     ax.legend(loc="upper left")
     counts.bar(centres, curve["count"], width=width, edgecolor="black")
     counts.set(xlabel="confidence", ylabel="cases", xlim=(0, 1))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str], path: Path) -> Path:
     """Counts with truth as rows and prediction as columns."""
     matrix = confusion_matrix(y_true, y_pred, len(names))
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 1.2 * len(names) + 1.5))
     ax.imshow(matrix, cmap="Blues")
     for (i, j), count in np.ndenumerate(matrix):
         ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
     ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
            xlabel="prediction", ylabel="truth", title="confusion matrix")
-    return _save(fig, path)
+    return save_figure(fig, path)
