@@ -55,3 +55,25 @@ def test_compare_picks_the_best_and_tests_the_others_against_it() -> None:
     assert by_model["good"]["best"] == "good" and by_model["good"]["wilcoxon_p"] == ""
     # Every paired difference is negative: the exact two-sided p-value of 20 pairs is 2 / 2**20.
     assert by_model["bad"]["wilcoxon_p"] == pytest.approx(2 / 2**20)
+
+
+def test_fold_ensemble_row_on_the_test_cases_and_classification_roc(seg3d_root: Path, cls2d_root: Path,
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "seg"
+    assert main(["benchmark", "--configs", str(CONFIGS / "seg3d_unet.yaml"), "--folds", "2", "--output", str(out),
+                 "--data.root", str(seg3d_root), "--model.init_args.network_args", '{"channels": [4, 8, 16]}',
+                 "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.accelerator", "cpu",
+                 "--trainer.enable_progress_bar", "false", "--data.patch_size", "[16, 16, 8]"]) == 0
+    with (out / "results.csv").open() as handle:
+        ensemble = [r for r in csv.DictReader(handle) if "fold ensemble" in r["model"]]
+    assert {r["metric"] for r in ensemble} == {"dice", "nsd", "hd95", "assd"}
+    assert "2 test cases" in ensemble[0]["model"]
+    assert len(list((out / "seg3d_unet" / "fold_ensemble_test" / "predictions").glob("*.nii.gz"))) == 2
+
+    out = tmp_path / "cls"
+    assert main(["benchmark", "--configs", str(CONFIGS / "cls2d_resnet18.yaml"), "--folds", "2", "--output", str(out),
+                 "--data.root", str(cls2d_root), "--model.init_args.network", "cnn3d",
+                 "--model.init_args.network_args", '{"channels": [4, 8]}', *FAST]) == 0
+    with (out / "results.csv").open() as handle:
+        assert {r["metric"] for r in csv.DictReader(handle)} == {"correct", "brier", "nll"}
+    assert (out / "roc.png").is_file() and "roc" in (out / "report.md").read_text()

@@ -43,6 +43,7 @@ def run_benchmark(
         run = runs[row["model"]]
         row.update(parameters=run["parameters"], train_seconds=round(run["train_seconds"], 2),
                    predict_seconds_per_case=round(run["predict_seconds_per_case"], 4))
+    rows += _fold_ensemble_rows(spec, runs, output)
     columns = ["model", "metric", "mean", "std", "ci_low", "ci_high", "best", "wilcoxon_p", "parameters",
                "train_seconds", "predict_seconds_per_case"]
     with atomic_path(output / "results.csv") as tmp, open(tmp, "w", newline="") as handle:
@@ -63,6 +64,31 @@ def run_benchmark(
         f"{len(configs)} models, {strategy} {folds} folds on `{spec.source}`; overrides: `{' '.join(overrides)}`",
     ]
     report.write_reports(output, "medseg benchmark", tables_md, images)
+    return rows
+
+
+def _fold_ensemble_rows(spec: Any, runs: dict[str, dict[str, Any]], output: Path) -> list[dict[str, Any]]:
+    """Each model's folds as one ensemble on the labelled ``test`` cases (none: no such rows)."""
+    from medseg.evaluation.evaluate import evaluate_classification, evaluate_segmentation
+    from medseg.inference.batch import PredictOptions, predict_batch
+
+    test = [c for c in spec.test if c["label"] is not None]
+    if not test:
+        return []
+    rows = []
+    for name, run in runs.items():
+        folder = output / name / "fold_ensemble_test"
+        predict_batch(list(run["checkpoints"].values()), None, PredictOptions(output=folder / "predictions",
+                      overwrite=True), cases=[{"id": c["id"], "image": c["image"]} for c in test])
+        if spec.task == SEGMENTATION:
+            summary = evaluate_segmentation(folder / "predictions", {c["id"]: c["label"] for c in test}, folder,
+                                            classes=[k for k in spec.labels if k > 0])
+            values = {m: summary["foreground_mean"][m] for m in report.SEG_METRICS}
+        else:
+            summary = evaluate_classification(folder / "predictions", spec.source, folder)
+            values = {m: summary[m] for m in ("accuracy", "auc", "brier", "nll")}
+        rows += [{"model": f"{name} (fold ensemble, {len(test)} test cases)", "metric": m, "mean": v,
+                  "parameters": run["parameters"]} for m, v in values.items()]
     return rows
 
 
