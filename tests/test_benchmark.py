@@ -77,3 +77,12 @@ def test_fold_ensemble_row_on_the_test_cases_and_classification_roc(seg3d_root: 
     with (out / "results.csv").open() as handle:
         assert {r["metric"] for r in csv.DictReader(handle)} == {"correct", "brier", "nll"}
     assert (out / "roc.png").is_file() and "roc" in (out / "report.md").read_text()
+
+
+def test_a_model_without_any_distance_gets_no_p_value() -> None:
+    nan = float("nan")
+    empty = {f"c{i}": {"hd95": nan} for i in range(5)}
+    fine = {f"c{i}": {"hd95": 3.0 + i} for i in range(5)}
+    rows = {r["model"]: r for r in compare({"empty": empty, "fine": fine}, {"hd95": False})}
+    assert rows["fine"]["best"] == "fine"
+    assert np.isnan(rows["empty"]["wilcoxon_p"]) and np.isnan(rows["empty"]["mean"])

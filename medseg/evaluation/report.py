@@ -72,7 +72,10 @@ def compare(tables: dict[str, dict[str, dict[str, float]]], metrics: dict[str, b
             if best is not None and model != best:
                 both = ~np.isnan(v) & ~np.isnan(values[best])
                 diff = v[both] - values[best][both]
-                p = 1.0 if not np.any(diff) else float(stats.wilcoxon(v[both], values[best][both]).pvalue)
+                if not both.any():
+                    p = float("nan")  # no case where both models have a value: nothing to test
+                else:
+                    p = 1.0 if not np.any(diff) else float(stats.wilcoxon(v[both], values[best][both]).pvalue)
             rows.append({"model": model, "metric": metric, "mean": float(means[model]),
                          "std": float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else float("nan"),
                          "ci_low": low, "ci_high": high, "best": best, "wilcoxon_p": p})
