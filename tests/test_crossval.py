@@ -49,3 +49,14 @@ def test_classification_cv_and_fold_out_of_range(cls2d_root: Path, tmp_path: Pat
         assert len(list(csv.DictReader(handle))) == len(load_dataset(cls2d_root).training)
     assert main([*args, "--output", str(tmp_path / "c"), "--fold", "3"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_holdout_cv_evaluates_only_the_held_out_cases(seg2d_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "h"
+    assert main(["cv", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--strategy", "holdout", "--holdout-fraction",
+                 "0.34", "--output", str(out), "--data.root", str(seg2d_root), "--data.patch_size", "[32, 32]",
+                 "--model.init_args.network_args", '{"channels": [4, 8, 16]}', *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    held_out = json.loads((out / "splits.json").read_text())[0]["val"]
+    assert summary["cases"] == len(held_out) and summary["missing_predictions"] == []
+    assert (out / "postprocessing.json").is_file()

@@ -64,3 +64,10 @@ def test_saved_splits_are_reused_and_checked(tmp_path: Path) -> None:
     assert load_or_make_splits(path, _cases(), strategy="kfold", folds=3, seed=99) == first  # reused, not remade
     with pytest.raises(ValueError, match="splits.json"):
         load_or_make_splits(path, _cases()[:-2], strategy="kfold", folds=3)
+
+
+def test_saved_splits_with_another_fold_count_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "splits.json"
+    load_or_make_splits(path, _cases(), strategy="kfold", folds=3, seed=0)
+    with pytest.raises(ValueError, match="3 folds but 4"):
+        load_or_make_splits(path, _cases(), strategy="kfold", folds=4, seed=0)

@@ -103,19 +103,19 @@ def run_cv(
         "predict_seconds_per_case": timing["predict_seconds"] / max(timing["predicted_cases"], 1),
     }
     if fold is None:
-        result["metrics"] = _evaluate_pooled(spec, output)
+        held_out = {i for split in splits for i in split["val"]}  # all cases, except with holdout
+        result["metrics"] = _evaluate_pooled(spec, output, held_out)
     with atomic_path(output / "cv.json") as tmp, open(tmp, "w") as handle:
         json.dump(result, handle, indent=2, default=str)
     return result
 
 
-def _evaluate_pooled(spec: DatasetSpec, output: Path) -> dict[str, Any]:
+def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str]) -> dict[str, Any]:
     if spec.task == SEGMENTATION:
         classes = [k for k in spec.labels if k > 0]
-        summary = evaluate_segmentation(
-            output / "predictions", {c["id"]: c["label"] for c in spec.training}, output, classes=classes
-        )
-        _choose_postprocessing(spec, output, classes)
+        references = {c["id"]: c["label"] for c in spec.training if c["id"] in held_out}
+        summary = evaluate_segmentation(output / "predictions", references, output, classes=classes)
+        _choose_postprocessing(spec, output, classes, held_out)
         return summary["foreground_mean"]
     rows = []
     for table in sorted((output / "predictions").glob("fold_*/predictions.csv")):
@@ -135,10 +135,10 @@ def _evaluate_pooled(spec: DatasetSpec, output: Path) -> dict[str, Any]:
     return metrics
 
 
-def _choose_postprocessing(spec: DatasetSpec, output: Path, classes: list[int]) -> None:
+def _choose_postprocessing(spec: DatasetSpec, output: Path, classes: list[int], held_out: set[str]) -> None:
     """Pick post-processing on the out-of-fold predictions; write ``postprocessing.json`` (maybe empty)."""
     cases = []
-    for case in spec.training:
+    for case in (c for c in spec.training if c["id"] in held_out):
         prediction, affine = read_image(output / "predictions" / f"{case['id']}.nii.gz")
         reference, _ = read_image(case["label"])
         cases.append(Case(prediction.round().astype(np.int16), reference.round().astype(np.int16),

@@ -36,7 +36,9 @@ def per_case_table(spec: DatasetSpec, cv_dir: Path) -> dict[str, dict[str, float
             p = np.array([float(row[f"p_{n}"]) for n in spec.label_names])
             k = truth[row["case"]]
             onehot = np.eye(len(p))[k]
-            table[row["case"]] = {"correct": float(p.argmax() == k), "brier": float(((p - onehot) ** 2).sum()),
+            # Brier as medseg.metrics.classification defines it: (p1 - y)^2 for two classes, else the sum.
+            brier = (p[1] - (k == 1)) ** 2 if len(p) == 2 else ((p - onehot) ** 2).sum()
+            table[row["case"]] = {"correct": float(p.argmax() == k), "brier": float(brier),
                                   "nll": float(-np.log(max(p[k], 1e-15)))}
     return table
 

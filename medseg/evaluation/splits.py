@@ -68,6 +68,9 @@ def load_or_make_splits(path: str | Path, cases: list[dict[str, Any]], **kwargs:
     if path.is_file():
         saved = json.loads(path.read_text())
         covered = {i for fold in saved for i in fold["train"] + fold["val"]}
+        wanted = kwargs.get("folds", 5) if kwargs.get("strategy", "kfold") in ("kfold", "stratified", "group") else None
+        if wanted is not None and len(saved) != wanted:
+            raise ValueError(f"{path}: holds {len(saved)} folds but {wanted} were asked for; delete it to make new splits")
         if covered != ids:
             raise ValueError(
                 f"{path}: the saved splits cover other cases than the dataset "
