@@ -44,20 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in LIGHTNING_COMMANDS:
             return run_lightning(argv)
-        if command == "predict":
-            return _predict(rest)
-        if command == "evaluate":
-            return _evaluate(rest)
-        if command == "cv":
-            return _cv(rest)
-        if command == "benchmark":
-            return _benchmark(rest)
-        if command == "demo":
-            return _demo(rest)
-        if command == "make-synthetic":
-            return _make_synthetic(rest)
-        if command == "check-data":
-            return _check_data(rest)
+        commands = {
+            "predict": _predict, "evaluate": _evaluate, "cv": _cv, "benchmark": _benchmark, "demo": _demo,
+            "make-synthetic": _make_synthetic, "check-data": _check_data,
+        }
+        if command in commands:
+            return commands[command](rest)
     except (DataCheckError, DatasetError, ImageReadError, FileExistsError, FileNotFoundError) as err:
         print(f"medseg {command}: {err}", file=sys.stderr)
         return 2

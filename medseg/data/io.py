@@ -8,6 +8,7 @@ Writes are atomic: a file is written under a temporary name and renamed, so no h
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
 from collections.abc import Iterator
@@ -140,3 +141,13 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    """Write ``rows`` (dicts) as CSV atomically; ``columns`` default to the first row's keys."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

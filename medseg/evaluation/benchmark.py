@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.data.datalist import SEGMENTATION
-from medseg.data.io import atomic_path
+from medseg.data.io import write_csv
 from medseg.evaluation import report
 from medseg.evaluation.crossval import dataset_of, run_cv
 from medseg.evaluation.splits import load_or_make_splits
@@ -46,10 +46,7 @@ def run_benchmark(
     rows += _fold_ensemble_rows(spec, runs, output)
     columns = ["model", "metric", "mean", "std", "ci_low", "ci_high", "best", "wilcoxon_p", "parameters",
                "train_seconds", "predict_seconds_per_case"]
-    with atomic_path(output / "results.csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(output / "results.csv", rows, columns)
     images = [report.box_plots(tables, metrics, output / "boxplots.png"),
               report.training_curves({n: list(r["log_dirs"].values()) for n, r in runs.items()},
                                      output / "training_curves.png")]

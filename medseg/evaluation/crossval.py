@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
-from medseg.data.io import atomic_path, read_image, spacing_from_affine
+from medseg.data.io import atomic_path, read_image, spacing_from_affine, write_csv
 from medseg.evaluation.evaluate import evaluate_segmentation
 from medseg.evaluation.postprocess_choice import Case, choose_postprocessing
 from medseg.evaluation.splits import fold_of, load_or_make_splits
@@ -121,10 +121,7 @@ def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str]) -> dic
     for table in sorted((output / "predictions").glob("fold_*/predictions.csv")):
         with table.open(newline="") as handle:
             rows += list(csv.DictReader(handle))
-    with atomic_path(output / "predictions" / "predictions.csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(output / "predictions" / "predictions.csv", rows)
     truth = {c["id"]: c["label"] for c in spec.training}
     names = spec.label_names
     y_true = np.array([truth[row["case"]] for row in rows])

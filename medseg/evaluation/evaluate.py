@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.data.datalist import case_id, load_dataset
-from medseg.data.io import atomic_path, is_image_file, read_image, spacing_from_affine
+from medseg.data.io import atomic_path, is_image_file, read_image, spacing_from_affine, write_csv
 from medseg.metrics.segmentation import METRICS, case_metrics
 
 SUMMARY_STATS = ("mean", "std", "median", "n")
@@ -76,8 +76,8 @@ def evaluate_segmentation(
     summary["unmatched_predictions"] = sorted(set(predictions) - set(references))
     summary["conventions"] = _convention_counts(rows)
     output.mkdir(parents=True, exist_ok=True)
-    _write_rows(output / "per_case.csv", rows, ["case", "class", *METRICS])
-    _write_rows(output / "summary.csv", _summary_rows(summary), ["class", "metric", *SUMMARY_STATS])
+    write_csv(output / "per_case.csv", rows, ["case", "class", *METRICS])
+    write_csv(output / "summary.csv", _summary_rows(summary), ["class", "metric", *SUMMARY_STATS])
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(_nan_to_none(summary), handle, indent=2)
     return summary
@@ -117,13 +117,6 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows += [{"class": "foreground", "metric": m, "mean": v, "std": "", "median": "", "n": ""}
              for m, v in summary["foreground_mean"].items()]
     return rows
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -167,7 +160,7 @@ def evaluate_classification(predictions: str | Path, truth: str | Path, output: 
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(_nan_to_none(summary), handle, indent=2)
     scalar = [{"metric": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float))]
-    _write_rows(output / "summary.csv", scalar, ["metric", "value"])
+    write_csv(output / "summary.csv", scalar, ["metric", "value"])
     roc_png(y_true, probabilities, names, output / "roc.png")
     reliability_png(y_true, probabilities, output / "reliability.png")
     confusion_png(y_true, probabilities.argmax(axis=1), names, output / "confusion.png")

@@ -22,7 +22,14 @@ import torch
 from tqdm import tqdm
 
 from medseg.data.datalist import case_id, load_dataset
-from medseg.data.io import atomic_path, is_image_file, read_header, spacing_from_affine, write_nifti
+from medseg.data.io import (
+    atomic_path,
+    is_image_file,
+    read_header,
+    spacing_from_affine,
+    write_csv,
+    write_nifti,
+)
 from medseg.inference.ensemble import case_doubt, combine, entropy, member_variance
 from medseg.inference.native import (
     LoadedModel,
@@ -170,9 +177,9 @@ def predict_batch(
         doubts += shard.doubts
     if rows:
         order = {case["id"]: i for i, case in enumerate(cases)}
-        _write_csv(options.output / "predictions.csv", sorted(rows, key=lambda r: order.get(r["case"], -1)))
+        write_csv(options.output / "predictions.csv", sorted(rows, key=lambda r: order.get(r["case"], -1)))
     if doubts:
-        _write_csv(options.output / "uncertainty.csv", sorted(doubts, key=lambda r: -float(r["doubt"])))
+        write_csv(options.output / "uncertainty.csv", sorted(doubts, key=lambda r: -float(r["doubt"])))
     return report
 
 
@@ -340,11 +347,3 @@ def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     """Write a compressed ``.npz`` atomically (NIfTI has no float16, so probabilities go here)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
