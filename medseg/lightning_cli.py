@@ -6,9 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from medseg.data.datamodule import MedSegDataModule
-from medseg.tasks.base import MedSegModule
+from medseg.resume import (
+    AtomicCheckpointIO,
+    checkpoint_summary,
+    claim_run_folder,
+    resolve_resume,
+    run_folder_of,
+    share_run_folder,
+)
+from medseg.tasks.base import MedSegModule, resume_mismatches
 from medseg.tasks.classification import ClassificationModule
 
 # Values that come from the dataset, linked from the instantiated data module into the model.
@@ -28,7 +38,11 @@ class MedSegCLI(LightningCLI):
     * ``model`` is a ``class_path`` of :class:`~medseg.tasks.segmentation.SegmentationModule` or
       :class:`~medseg.tasks.classification.ClassificationModule`; ``data`` is :class:`MedSegDataModule`.
     * Logs go to CSV and TensorBoard under ``trainer.default_root_dir`` (default ``runs/``), in a folder named
-      after the config file; the resolved config is saved there beside ``checkpoints/``.
+      after the (first) config file; the resolved config is saved there beside ``checkpoints/``.
+    * ``fit --ckpt_path last|FILE`` resumes (see :mod:`medseg.resume`): into the checkpoint's own run folder,
+      with the resumed config saved as ``config_resume.yaml``; a missing checkpoint or one of another model
+      stops the command before training.
+    * ``data.seed`` defaults to ``seed_everything``; checkpoints are written atomically.
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
@@ -49,11 +63,26 @@ class MedSegCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
+        run_root = Path(trainer.get("default_root_dir") or "runs") / _run_name(config)
+        self.resume_from: Path | None = None
+        if self.subcommand == "fit" and config.get("ckpt_path") not in (None, "hpc"):
+            self.resume_from = resolve_resume(str(config["ckpt_path"]), run_root)
+            config["ckpt_path"] = str(self.resume_from)
+            self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True,
+                                       "config_filename": "config_resume.yaml"}
         if trainer.get("logger") in (None, True):
-            trainer["logger"] = _default_loggers(trainer.get("default_root_dir") or "runs", _run_name(config))
+            folder = run_folder_of(self.resume_from) if self.resume_from else None
+            if folder:
+                share_run_folder(*folder)
+            run_root, version = folder or (run_root, claim_run_folder(run_root))
+            trainer["logger"] = _default_loggers(str(run_root.parent), run_root.name, version)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if self.resume_from is not None:
+            self._check_resume(self.resume_from)
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         wants_classification = isinstance(self.model, ClassificationModule)
         if wants_classification == self.datamodule.is_segmentation:
             raise ValueError(
@@ -62,18 +91,27 @@ class MedSegCLI(LightningCLI):
             )
 
 
+    def _check_resume(self, path: Path) -> None:
+        """Stop before training when ``path`` holds another model or other classes than this run builds."""
+        saved = checkpoint_summary(path)
+        problems = resume_mismatches(saved, self.model.TASK, dict(self.model.hparams))
+        if problems:
+            raise ValueError(f"{path}: cannot resume this run from it: " + "; ".join(problems))
+        rank_zero_info(f"medseg fit: resuming from {path} (epoch {saved['epoch']}, step {saved['global_step']})")
+
+
 def _run_name(config: Any) -> str:
+    """The run folder's name: the first config file's stem (later ones, e.g. configs/trainer/ddp.yaml, add
+    options to the experiment the first one names)."""
     files = config.get("config") or []
-    return Path(str(files[-1])).stem if files else "medseg"
+    return Path(str(files[0])).stem if files else "medseg"
 
 
-def _default_loggers(save_dir: str, name: str) -> list[dict[str, Any]]:
-    """CSV + TensorBoard loggers writing to the same, next free folder ``<save_dir>/<name>/version_N``."""
-    taken = [p.name[len("version_") :] for p in (Path(save_dir) / name).glob("version_*")]
-    version = 1 + max((int(v) for v in taken if v.isdigit()), default=-1)
+def _default_loggers(save_dir: str, name: str, version: int) -> list[dict[str, Any]]:
+    """CSV + TensorBoard loggers writing to the same folder ``<save_dir>/<name>/version_<version>``."""
     common = {"save_dir": save_dir, "name": name, "version": version}
     return [
-        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": common},
+        {"class_path": "medseg.resume.ResumableCSVLogger", "init_args": common},
         {
             "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
             "init_args": {**common, "default_hp_metric": False},

@@ -29,6 +29,7 @@ from medseg.data.synthetic import make_synthetic
 from medseg.inference.batch import PredictOptions, predict_batch
 from medseg.inference.native import load_model
 from medseg.lightning_cli import MedSegCLI
+from medseg.resume import saved_checkpoint
 
 CONFIG = Path(__file__).parents[1] / "configs" / "seg3d_unet.yaml"
 
@@ -40,7 +41,7 @@ def make_checkpoint(root: Path, out: Path, patch: list[int]) -> Path:
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--data.patch_size", str(patch),
     ])
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
+    return Path(saved_checkpoint(cli.trainer))
 
 
 def bare_loop(ckpt: Path, files: list[Path], out: Path, device: str) -> None:

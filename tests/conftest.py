@@ -62,13 +62,14 @@ def roots(seg3d_root: Path, seg2d_root: Path, cls3d_root: Path, cls2d_root: Path
 def _one_epoch_checkpoint(config: str, root: Path, out: Path, *extra: str) -> Path:
     """Train one step and return ``last.ckpt`` (a real checkpoint for the prediction tests)."""
     from medseg.lightning_cli import MedSegCLI
+    from medseg.resume import saved_checkpoint
 
     cli = MedSegCLI(args=[
         "fit", "--config", str(Path(__file__).parents[1] / "configs" / config), "--data.root", str(root),
         "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1", *extra,
     ])
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
+    return Path(saved_checkpoint(cli.trainer))
 
 
 @pytest.fixture(scope="session")

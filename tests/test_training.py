@@ -14,6 +14,7 @@ from medseg.data.datalist import load_dataset
 from medseg.data.io import read_header
 from medseg.inference.native import load_model, predict_segmentation
 from medseg.lightning_cli import MedSegCLI
+from medseg.resume import saved_checkpoint
 from medseg.tasks.segmentation import SegmentationModule
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -51,7 +52,7 @@ def test_segmentation_fit_learns(trained_seg2d: MedSegCLI) -> None:
 
 def test_fit_writes_config_checkpoints_and_logs(trained_seg2d: MedSegCLI) -> None:
     callback = trained_seg2d.trainer.checkpoint_callback
-    best, last = Path(callback.best_model_path), Path(callback.last_model_path)
+    best, last = Path(callback.best_model_path), Path(saved_checkpoint(trained_seg2d.trainer))
     assert best.is_file() and last.is_file() and best != last
     log_dir = Path(trained_seg2d.trainer.log_dir)
     assert best.parent.parent == log_dir  # <run>/version_N/{config.yaml, checkpoints/, metrics.csv}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from medseg.data.datalist import SEGMENTATION, DatasetError, DatasetSpec, find_description, load_dataset
@@ -79,10 +80,24 @@ def check_dataset(
 
 
 def assert_dataset_ok(
-    root: str | Path, tolerance: float = 1e-3, progress: bool = False, spatial_dims: int | None = None
+    root: str | Path,
+    tolerance: float = 1e-3,
+    progress: bool = False,
+    spatial_dims: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
-    """Raise :class:`DataCheckError` (with the full report) when :func:`check_dataset` finds problems."""
-    problems, n_cases = _run_checks(root, tolerance, progress, spatial_dims)
+    """Raise :class:`DataCheckError` (with the full report) when :func:`check_dataset` finds problems.
+
+    With ``shard=(rank, world_size)`` this process checks only every ``world_size``-th case from ``rank``;
+    when torch.distributed is running, the processes then share what they found, so each one raises the
+    same full report (and none waits forever for a process that stopped alone).
+    """
+    problems, n_cases = _run_checks(root, tolerance, progress, spatial_dims, shard)
+    if shard[1] > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        found: list[Any] = [None] * shard[1]
+        torch.distributed.all_gather_object(found, (problems, n_cases))
+        problems = list(dict.fromkeys(p for rank_problems, _ in found for p in rank_problems))
+        n_cases = sum(n for _, n in found)
     if problems:
         raise DataCheckError(problems, n_cases, root)
 
@@ -99,9 +114,14 @@ def format_report(problems: list[Problem], n_cases: int) -> str:
 
 
 def _run_checks(
-    root: str | Path, tolerance: float, progress: bool, spatial_dims: int | None = None
+    root: str | Path,
+    tolerance: float,
+    progress: bool,
+    spatial_dims: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[list[Problem], int]:
-    """The problems of the dataset at ``root`` and the number of cases checked."""
+    """The problems of the dataset at ``root`` (of the cases of ``shard=(rank, world_size)``) and the number
+    of cases checked."""
     try:
         source = str(find_description(root).resolve())
     except DatasetError as err:
@@ -111,10 +131,12 @@ def _run_checks(
     except DatasetError as err:
         return [_description_problem(source, err)], 0
     problems: list[Problem] = []
-    if not spec.training:
+    rank, world_size = shard
+    if not spec.training and rank == 0:
         problems.append(Problem(source, "no training cases (the 'training' list is empty)"))
     checker = _CaseChecker(spec, tolerance, spatial_dims)
     cases = [("training", c) for c in spec.training] + [("test", c) for c in spec.test]
+    cases = cases[rank::world_size]
     for where, case in tqdm(cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress):
         problems += checker.check(case, where)
     return problems, len(cases)

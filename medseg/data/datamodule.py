@@ -17,9 +17,11 @@ from torch.utils.data import DataLoader
 from medseg.data.augment import augmentation_transforms
 from medseg.data.checks import assert_dataset_ok
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
+from medseg.data.sampling import EpochSampler, EpochSeededDataset, LocalSampler, run_seed, shard
 from medseg.data.transforms import Preprocessing, keys_for, patch_sampling_transforms, preprocess_transforms
 
 CACHE_MODES = ("none", "memory", "disk")
+LOADERS = ("process", "thread")
 
 
 class MedSegDataModule(pl.LightningDataModule):
@@ -37,13 +39,23 @@ class MedSegDataModule(pl.LightningDataModule):
         val_fraction: share of patients held out for validation when ``val_cases`` is not given.
         val_cases: explicit validation case ids (the rest trains); used by cross-validation.
         cache: ``none``, ``memory`` (MONAI CacheDataset) or ``disk`` (PersistentDataset in ``cache_dir``).
+            Under DDP each process caches only its own shard of the cases.
         cache_rate: share of cases cached in memory.
-        cache_dir: folder of the on-disk cache (default ``<root>/.medseg_cache``).
-        num_workers: DataLoader worker processes.
+        cache_dir: folder of the on-disk cache (default ``<root>/.medseg_cache``), shared by all processes.
+        num_workers: DataLoader workers.
+        loader: ``process`` (torch DataLoader, ``num_workers`` worker processes) or ``thread`` (MONAI
+            ThreadDataLoader: batches are prepared in a background thread, fed by ``num_workers`` worker
+            processes if any; the fast choice with ``cache: memory`` on a GPU).
         preprocessing: preprocessing spec (see :mod:`medseg.data.transforms`).
         augmentation: augmentation spec (see :mod:`medseg.data.augment`).
         check_data: read every case and refuse bad data before training (see ``medseg check-data``).
-        seed: seed of the train/validation split and of the augmentation.
+        seed: seed of the train/validation split, the training order and the augmentation; ``None`` (the
+            default) takes the run's ``seed_everything``.
+
+    Under DDP (``trainer.world_size > 1``) each process gets every ``world_size``-th case of the training and
+    validation lists (see :mod:`medseg.data.sampling`): validation sees every case exactly once, and the
+    training order and augmentation of each epoch are drawn from ``(seed, epoch)``, so a run resumed from an
+    end-of-epoch checkpoint continues exactly as it would have.
     """
 
     def __init__(
@@ -60,10 +72,11 @@ class MedSegDataModule(pl.LightningDataModule):
         cache_rate: float = 1.0,
         cache_dir: str | None = None,
         num_workers: int = 0,
+        loader: str = "process",
         preprocessing: dict[str, Any] | None = None,
         augmentation: dict[str, dict[str, Any]] | None = None,
         check_data: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -71,6 +84,9 @@ class MedSegDataModule(pl.LightningDataModule):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {list(CACHE_MODES)}, got {cache!r}")
+        if loader not in LOADERS:
+            raise ValueError(f"loader must be one of {list(LOADERS)}, got {loader!r}")
+        self.seed = run_seed() if seed is None else seed
         self.spec: DatasetSpec = load_dataset(root)
         self.patch_size = list(patch_size or ([96, 96] if spatial_dims == 2 else [64, 64, 32]))
         if len(self.patch_size) != spatial_dims:
@@ -85,8 +101,9 @@ class MedSegDataModule(pl.LightningDataModule):
                 raise ValueError(
                     f"augmentation rotate90 turns axes 0 and 1 and needs them equal, got patch/resize size {square}"
                 )
-        self.train_cases, self.val_cases = split_cases(self.spec.training, val_fraction, val_cases, seed)
+        self.train_cases, self.val_cases = split_cases(self.spec.training, val_fraction, val_cases, self.seed)
         self._datasets: dict[str, Any] = {}
+        self._totals: dict[str, int] = {}
         self._checked = False
 
     # Values the model needs, linked in the CLI (stated once, in the data config).
@@ -132,21 +149,36 @@ class MedSegDataModule(pl.LightningDataModule):
                 chain += patch_sampling_transforms(
                     self.patch_size, self.hparams.pos_fraction, self.hparams.samples_per_volume
                 )
-            chain += augmentation_transforms(self.hparams.augmentation, self.task, dims, self.hparams.seed)
+            chain += augmentation_transforms(self.hparams.augmentation, self.task, dims, self.seed)
         # Batches carry plain tensors: per-case metadata (affines, file names) differs between cases and the
         # training loop does not need it; prediction keeps it (medseg.inference.native).
         chain.append(mt.EnsureTyped(keys=keys_for(self.task), track_meta=False))
         return mt.Compose(chain)
 
     def setup(self, stage: str | None = None) -> None:
-        """Check the data once (before any training), then build the datasets ``stage`` needs."""
+        """Check the data once (before any training), then build this process's share of the datasets
+        ``stage`` needs."""
+        rank, world_size = self._rank_and_world_size()
         if self.hparams.check_data and not self._checked:
-            assert_dataset_ok(self.spec.source, spatial_dims=self.spatial_dims)
+            # Each process reads its shard of the files; all of them then stop with the full report.
+            assert_dataset_ok(self.spec.source, spatial_dims=self.spatial_dims, shard=(rank, world_size))
             self._checked = True
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "fit", ("val",))
         for name in needed:
-            if name not in self._datasets:
-                self._datasets[name] = self._dataset(self._cases(name), train=name == "train")
+            if name in self._datasets:
+                continue
+            cases = self._cases(name)
+            if world_size > len(cases) > 0:
+                raise ValueError(
+                    f"{self.spec.source}: the {name} split has {len(cases)} case(s) for {world_size} processes; "
+                    "each process needs at least one (use fewer devices or more validation cases)"
+                )
+            self._totals[name] = len(cases)
+            self._datasets[name] = self._dataset(shard(cases, rank, world_size), train=name == "train")
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _cases(self, name: str) -> list[dict[str, Any]]:
         if name != "test":
@@ -180,10 +212,12 @@ class MedSegDataModule(pl.LightningDataModule):
         items = [self._item(case) for case in cases]
         transform = self.transforms(train)
         if self.hparams.cache == "memory":
-            return md.CacheDataset(items, transform, cache_rate=self.hparams.cache_rate, progress=False)
-        if self.hparams.cache == "disk":
-            return md.PersistentDataset(items, transform, cache_dir=self._disk_cache_dir(train))
-        return md.Dataset(items, transform)
+            dataset = md.CacheDataset(items, transform, cache_rate=self.hparams.cache_rate, progress=False)
+        elif self.hparams.cache == "disk":
+            dataset = md.PersistentDataset(items, transform, cache_dir=self._disk_cache_dir(train))
+        else:
+            dataset = md.Dataset(items, transform)
+        return EpochSeededDataset(dataset, [item["id"] for item in items], self.seed) if train else dataset
 
     def _disk_cache_dir(self, train: bool) -> Path:
         """A cache folder per preprocessing setting: PersistentDataset keys its files on the case dict only,
@@ -200,14 +234,10 @@ class MedSegDataModule(pl.LightningDataModule):
         return {"id": case["id"], "image": image, "label": case["label"]}
 
     def train_dataloader(self) -> DataLoader:
-        return md.DataLoader(
-            self._datasets["train"],
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            drop_last=False,
-        )
+        dataset = self._datasets["train"]
+        rank, world_size = self._rank_and_world_size()
+        sampler = EpochSampler(len(dataset), self._totals["train"], world_size, rank, self.seed)
+        return self._loader(dataset, self.hparams.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -216,13 +246,19 @@ class MedSegDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, name: str) -> DataLoader:
-        """Whole images in a fixed order (one volume per batch for sliding-window segmentation)."""
-        return md.DataLoader(
-            self._datasets[name],
-            batch_size=1 if self.is_segmentation else self.hparams.batch_size,
-            shuffle=False,
-            num_workers=self.hparams.num_workers,
-        )
+        """Whole images in a fixed order (one volume per batch for sliding-window segmentation), each case of
+        this process's shard once."""
+        dataset = self._datasets[name]
+        rank, world_size = self._rank_and_world_size()
+        batch_size = 1 if self.is_segmentation else self.hparams.batch_size
+        return self._loader(dataset, batch_size, LocalSampler(len(dataset), world_size, rank))
+
+    def _loader(self, dataset: Any, batch_size: int, sampler: Any) -> DataLoader:
+        workers = self.hparams.num_workers
+        options = {"batch_size": batch_size, "sampler": sampler, "num_workers": workers}
+        if self.hparams.loader == "thread":
+            return md.ThreadDataLoader(dataset, use_thread_workers=False, **options)
+        return md.DataLoader(dataset, persistent_workers=workers > 0, **options)
 
 
 def split_cases(

@@ -61,6 +61,7 @@ def run_cv(
     every fold (e.g. ``["--trainer.max_epochs", "1"]``); ``fold`` runs one fold only (no pooled evaluation).
     """
     from medseg.lightning_cli import MedSegCLI
+    from medseg.resume import saved_checkpoint
 
     output, overrides = Path(output), list(overrides or [])
     spec = dataset_of(config, overrides)
@@ -82,8 +83,7 @@ def run_cv(
             "--trainer.default_root_dir", str(output / f"fold_{k}"), "--seed_everything", str(seed),
         ])
         timing["train_seconds"] += time.perf_counter() - start
-        callback = cli.trainer.checkpoint_callback
-        checkpoints[k] = callback.best_model_path or callback.last_model_path
+        checkpoints[k] = saved_checkpoint(cli.trainer, "best")
         log_dirs[k] = str(cli.trainer.log_dir)
         parameters = sum(p.numel() for p in cli.model.net.parameters())
         start = time.perf_counter()

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
+from medseg.data.sampling import mixed_seed, reseed_globals, run_seed
 from medseg.losses import create_loss
 from medseg.models import create_model, freeze_encoder, load_pretrained
 
@@ -49,6 +50,17 @@ class MedSegModule(pl.LightningModule):
         if freeze:
             freeze_encoder(network, self.net)
 
+    def on_train_epoch_start(self) -> None:
+        # The epoch's randomness (dropout, ...) depends on (seed, epoch, rank) only, as the data order and the
+        # augmentation do (medseg.data.sampling): a run resumed at an epoch boundary continues exactly.
+        reseed_globals(mixed_seed(run_seed(), self.current_epoch, self.global_rank))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume (or load) a checkpoint of another model or another set of classes."""
+        problems = resume_mismatches(checkpoint, self.TASK, dict(self.hparams))
+        if problems:
+            raise ValueError("the checkpoint does not match this model: " + "; ".join(problems))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, ...)`` of the network for ``x`` ``(B, C, ...)``."""
         return self.net(x)
@@ -73,3 +85,33 @@ class MedSegModule(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.hparams.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+# What must be equal for a checkpoint to continue this model: the network and what its shape depends on.
+MUST_MATCH = ("network", "network_args", "spatial_dims", "in_channels", "num_classes", "label_names")
+
+
+def resume_mismatches(checkpoint: dict[str, Any], task: str, hparams: dict[str, Any]) -> list[str]:
+    """Why ``checkpoint`` (a loaded Lightning checkpoint) cannot continue a ``task`` model with ``hparams``.
+
+    Returns:
+        One ``"<name>: checkpoint <a>, this run <b>"`` line per difference; empty when they match.
+    """
+    saved_task = checkpoint.get("medseg_task", task)
+    if saved_task != task:
+        return [f"task: checkpoint {saved_task}, this run {task}"]
+    saved = checkpoint.get("hyper_parameters", {})
+    return [
+        f"{name}: checkpoint {saved.get(name)!r}, this run {hparams.get(name)!r}"
+        for name in MUST_MATCH
+        if name in saved and _plain(saved.get(name)) != _plain(hparams.get(name))
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """Containers as plain lists/dicts, so a tuple from YAML equals the list a checkpoint holds."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -100,11 +100,18 @@ class SegmentationModule(MedSegModule):
         return loss
 
     def _log_dice(self, stage: str) -> None:
-        mean, per_class = dice_summary(torch.as_tensor(self.dice.aggregate(), device=self.device))
+        """Log the Dice of all cases of all processes: each process sums its cases, the sums are added up
+        across processes (every case is on exactly one, see medseg.data.sampling), and every process logs
+        the same value, so the best checkpoint is the same everywhere."""
+        sums, counts = dice_sums(torch.as_tensor(self.dice.aggregate(), device=self.device))
         self.dice.reset()
-        self.log(f"{stage}/dice", mean, prog_bar=True)
-        for index, value in enumerate(per_class.tolist(), start=1):
-            self.log(f"{stage}/dice_class{index}", value)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        per_class = (sums / counts).float()  # NaN where a class is absent from every case
+        # sync_dist averages values that are already equal on every process (Lightning asks for it).
+        self.log(f"{stage}/dice", torch.nanmean(per_class), prog_bar=True, sync_dist=True)
+        for index, value in enumerate(per_class, start=1):
+            self.log(f"{stage}/dice_class{index}", value, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "val")
@@ -117,6 +124,17 @@ class SegmentationModule(MedSegModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_dice("test")
+
+
+def dice_sums(per_case: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class, the sum of the defined Dice values of a per-case table ``(N, K-1)`` and their number.
+
+    Sums (float64) and counts add up across processes; ``sums / counts`` is then the per-class mean of
+    :func:`dice_summary` over all cases.
+    """
+    defined = ~torch.isnan(per_case)
+    sums = torch.where(defined, per_case, torch.zeros_like(per_case)).double().sum(dim=0)
+    return sums, defined.double().sum(dim=0)
 
 
 def dice_summary(per_case: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,150 @@
+"""Run folders, resuming and safe checkpoint writes for ``medseg fit``.
+
+* A run writes to ``<default_root_dir>/<config name>/version_N/``; global rank 0 claims ``N`` by creating
+  the folder (so runs started together never share one) and hands it to the DDP processes it launches.
+* ``--ckpt_path last`` resumes from the newest ``version_*/checkpoints/last.ckpt`` of the config and keeps
+  writing in that run's folder; asking to resume when there is nothing to resume from is an error.
+* Checkpoints are written to a temporary file beside the target and renamed over it, so a process killed
+  while writing leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from medseg.data.io import atomic_path
+
+# How a launching process (global rank 0) tells the DDP processes it starts which run folder it claimed.
+RUN_FOLDER_ENV = "MEDSEG_RUN_FOLDER"
+LAST = "last.ckpt"
+_VERSION = re.compile(r"version_(\d+)$")
+
+
+def launched_rank() -> int:
+    """This process's global rank as its launcher (torchrun, srun, Lightning's DDP launcher) set it; 0 when
+    it was started by hand. Known before torch.distributed starts."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    local = int(os.environ.get("LOCAL_RANK", 0) or 0)
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
+    return local + node  # only whether it is 0 matters here
+
+
+def versions(run_root: Path) -> list[int]:
+    """The ``N`` of the ``version_N`` folders under ``run_root``, ascending."""
+    found = (_VERSION.match(p.name) for p in run_root.glob("version_*") if p.is_dir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def claim_run_folder(run_root: Path) -> int:
+    """The version ``N`` of this run's ``run_root/version_N`` folder.
+
+    Rank 0 creates the next free folder (``mkdir`` fails if another run took it first, and the next number is
+    tried) and records it for the processes it launches; those take the recorded one.
+    """
+    inherited = json.loads(os.environ.get(RUN_FOLDER_ENV, "{}"))
+    if launched_rank() != 0 and inherited.get("root") == str(run_root.resolve()):
+        return int(inherited["version"])
+    version = 1 + max(versions(run_root), default=-1)
+    if launched_rank() != 0:
+        return version  # a process rank 0 did not launch (torchrun, srun): it writes nothing itself
+    while True:
+        try:
+            (run_root / f"version_{version}").mkdir(parents=True)
+            break
+        except FileExistsError:
+            version += 1
+    share_run_folder(run_root, version)
+    return version
+
+
+def share_run_folder(run_root: Path, version: int) -> None:
+    os.environ[RUN_FOLDER_ENV] = json.dumps({"root": str(run_root.resolve()), "version": version})
+
+
+def resolve_resume(ckpt_path: str, run_root: Path) -> Path:
+    """The checkpoint ``--ckpt_path`` names: ``last`` is the newest ``run_root/version_*/checkpoints/last.ckpt``.
+
+    Raises:
+        FileNotFoundError: nothing to resume from (never silently a fresh start).
+    """
+    if ckpt_path != "last":
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        return path
+    for version in reversed(versions(run_root)):
+        path = run_root / f"version_{version}" / "checkpoints" / LAST
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"--ckpt_path last: no {run_root}/version_*/checkpoints/{LAST} to resume from; "
+        "leave out --ckpt_path to start a new run"
+    )
+
+
+def run_folder_of(checkpoint: Path) -> tuple[Path, int] | None:
+    """``(run_root, N)`` when ``checkpoint`` lies in ``run_root/version_N/checkpoints/``."""
+    match = _VERSION.match(checkpoint.parent.parent.name)
+    if checkpoint.parent.name != "checkpoints" or not match:
+        return None
+    return checkpoint.parent.parent.parent, int(match.group(1))
+
+
+def checkpoint_summary(path: Path) -> dict[str, Any]:
+    """Epoch, step and medseg task of a checkpoint, read with ``weights_only=True`` (memory-mapped)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return {k: checkpoint.get(k) for k in ("epoch", "global_step", "medseg_task", "hyper_parameters")}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file beside the target, flushed to disk, then renamed over it.
+
+    Lightning's default writes through an fsspec transaction whose temporary file lives in the system temp
+    folder; when that is another file system (a local ``/tmp`` and a shared run folder), the final move is a
+    copy, and a kill during it leaves a truncated checkpoint.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes an existing metrics.csv here
+        pass
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to its ``metrics.csv`` instead of deleting it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def saved_checkpoint(trainer: Any, kind: str = "last") -> str:
+    """The path of the ``last`` (or ``best``, else ``last``) checkpoint a fitted trainer's ModelCheckpoint
+    callbacks wrote; ``""`` when none did. The shipped configs keep the best and the last in two callbacks."""
+    callbacks = trainer.checkpoint_callbacks
+    best = next((c.best_model_path for c in callbacks if c.best_model_path), "") if kind == "best" else ""
+    return best or next((c.last_model_path for c in callbacks if c.last_model_path), "")
