@@ -7,6 +7,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
 
 from medseg.data.sampling import mixed_seed, reseed_globals, run_seed
 from medseg.losses import create_loss
@@ -49,6 +50,10 @@ class MedSegModule(pl.LightningModule):
             self.pretrained_report = load_pretrained(self.net, pretrained)
         if freeze:
             freeze_encoder(network, self.net)
+        # Validation/test loss as torchmetrics means: exact across DDP processes holding different numbers of
+        # cases (Lightning's own sync_dist mean floors the averaged integer batch count, e.g. 3 cases on 2
+        # processes are counted as 1 per process).
+        self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
     def on_train_epoch_start(self) -> None:
         # The epoch's randomness (dropout, ...) depends on (seed, epoch, rank) only, as the data order and the
@@ -69,8 +74,16 @@ class MedSegModule(pl.LightningModule):
         """Loss on a batch: image ``(B, C, ...)``, label ``(B, 1, ...)`` label map or ``(B,)`` class index."""
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
         loss = self.loss_fn(self(image), label)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0])
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0], sync_dist=True
+        )
         return loss
+
+    def _log_eval_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
+        """Log ``stage/loss``, the mean over all cases of all processes, weighted by batch size."""
+        metric = self.eval_losses[stage]
+        metric.update(loss.detach(), weight=batch_size)
+        self.log(f"{stage}/loss", metric, prog_bar=True, on_epoch=True, batch_size=batch_size)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medseg_task"] = self.TASK  # read by medseg.inference.native.load_model

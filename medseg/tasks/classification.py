@@ -73,7 +73,7 @@ class ClassificationModule(MedSegModule):
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
         logits = self(image)
         loss = self.loss_fn(logits, label)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        self._log_eval_loss(stage, loss, image.shape[0])
         metrics.update(torch.softmax(logits.float(), dim=1), label)
         self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return loss

@@ -94,7 +94,7 @@ class SegmentationModule(MedSegModule):
         label = torch.as_tensor(batch["label"]).long()
         logits = self.predict_logits(image)
         loss = self.loss_fn(logits, label)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, batch_size=image.shape[0], sync_dist=True)
+        self._log_eval_loss(stage, loss, image.shape[0])
         k = self.hparams.num_classes
         self.dice(one_hot(labels_from_logits(logits), k), one_hot(label, k))
         return loss
