@@ -12,6 +12,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from medseg.data.datamodule import MedSegDataModule
 from medseg.resume import (
     AtomicCheckpointIO,
+    ResumeError,
     checkpoint_summary,
     claim_run_folder,
     resolve_resume,
@@ -96,7 +97,7 @@ class MedSegCLI(LightningCLI):
         saved = checkpoint_summary(path)
         problems = resume_mismatches(saved, self.model.TASK, dict(self.model.hparams))
         if problems:
-            raise ValueError(f"{path}: cannot resume this run from it: " + "; ".join(problems))
+            raise ResumeError(f"{path}: cannot resume this run from it: " + "; ".join(problems))
         rank_zero_info(f"medseg fit: resuming from {path} (epoch {saved['epoch']}, step {saved['global_step']})")
 
 

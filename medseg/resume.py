@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -28,6 +29,10 @@ from medseg.data.io import atomic_path
 RUN_FOLDER_ENV = "MEDSEG_RUN_FOLDER"
 LAST = "last.ckpt"
 _VERSION = re.compile(r"version_(\d+)$")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (another model, other classes)."""
 
 
 def launched_rank() -> int:
@@ -126,8 +131,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class _AppendingWriter(ExperimentWriter):
+    """Continues an existing ``metrics.csv``: its columns are known from the start, so rows append to it."""
+
     def _check_log_dir_exists(self) -> None:  # Lightning's deletes an existing metrics.csv here
-        pass
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = sorted(next(csv.reader(handle), []))
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -144,7 +153,13 @@ class ResumableCSVLogger(CSVLogger):
 
 def saved_checkpoint(trainer: Any, kind: str = "last") -> str:
     """The path of the ``last`` (or ``best``, else ``last``) checkpoint a fitted trainer's ModelCheckpoint
-    callbacks wrote; ``""`` when none did. The shipped configs keep the best and the last in two callbacks."""
+    callbacks wrote; ``""`` when none did.
+
+    The shipped configs keep them in two callbacks: one monitors a metric (the best), the other has no
+    monitor and rewrites ``last.ckpt`` at every epoch end (its "best" is the newest).
+    """
     callbacks = trainer.checkpoint_callbacks
-    best = next((c.best_model_path for c in callbacks if c.best_model_path), "") if kind == "best" else ""
-    return best or next((c.last_model_path for c in callbacks if c.last_model_path), "")
+    monitored = [c.best_model_path for c in callbacks if c.monitor is not None and c.best_model_path]
+    latest = [c.last_model_path or c.best_model_path for c in callbacks if c.monitor is None or c.last_model_path]
+    found = (monitored if kind == "best" else []) + [p for p in latest if p]
+    return found[0] if found else ""

@@ -1,0 +1,135 @@
+"""Exact resume after a kill, refusals, and checkpoint writes that survive a kill."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medseg.cli import main
+from medseg.data.synthetic import make_synthetic
+from medseg.resume import AtomicCheckpointIO
+
+REPO = Path(__file__).parents[1]
+CONFIG = REPO / "configs" / "seg2d_unet.yaml"
+
+
+def medseg_fit(out: Path, root: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``medseg fit`` in a fresh process (one thread, as a user would run it), from the repository root."""
+    command = [
+        sys.executable, "-m", "medseg", "fit", "--config", str(CONFIG), "--data.root", str(root),
+        "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.max_epochs", "3",
+        "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+        "--data.patch_size", "[48, 48]", "--data.batch_size", "4", *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Weights of the newest run's last.ckpt and its last validation row of metrics.csv."""
+    run = sorted((out / "seg2d_unet").glob("version_*"))[-1]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    rows = [row for row in csv.DictReader((run / "metrics.csv").open()) if row.get("val/dice")]
+    return checkpoint["state_dict"], rows[-1]
+
+
+def test_killed_run_resumed_with_ckpt_path_last_ends_like_an_uninterrupted_one(
+    seg2d_root: Path, tmp_path: Path
+) -> None:
+    medseg_fit(tmp_path / "whole", seg2d_root)
+    # Killed mid-epoch 1 (3 steps an epoch), with loader workers; resumed without them from the end of epoch 0.
+    killer = json.dumps({"class_path": "tests.kill_callback.KillAtStep", "init_args": {"step": 5}})
+    killed = medseg_fit(
+        tmp_path / "split", seg2d_root, "--trainer.callbacks+", killer, "--data.num_workers", "2", check=False
+    )
+    assert killed.returncode == -signal.SIGKILL
+    epoch = torch.load(tmp_path / "split/seg2d_unet/version_0/checkpoints/last.ckpt", weights_only=True)["epoch"]
+    assert epoch == 0  # so the resumed run really redoes epochs 1 and 2
+    resumed = medseg_fit(tmp_path / "split", seg2d_root, "--ckpt_path", "last")
+    assert "resuming from" in resumed.stderr + resumed.stdout
+
+    whole_weights, whole_row = final_state(tmp_path / "whole")
+    split_weights, split_row = final_state(tmp_path / "split")
+    assert [p.name for p in (tmp_path / "split/seg2d_unet").iterdir()] == ["version_0"]  # kept its folder
+    assert whole_weights.keys() == split_weights.keys()
+    for name, tensor in whole_weights.items():
+        assert torch.equal(tensor, split_weights[name]), name
+    for key in ("epoch", "step", "val/dice", "val/loss"):
+        assert whole_row[key] == split_row[key], key
+    # The resumed run appended to metrics.csv: the epoch-0 rows written before the kill are still there.
+    rows = list(csv.DictReader((tmp_path / "split/seg2d_unet/version_0/metrics.csv").open()))
+    assert sorted({row["epoch"] for row in rows if row.get("val/dice")}) == ["0", "1", "2"]
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(
+    seg2d_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([
+        "fit", "--config", str(CONFIG), "--data.root", str(seg2d_root), "--trainer.default_root_dir", str(tmp_path),
+        "--ckpt_path", "last",
+    ])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--ckpt_path last: no " in err and "last.ckpt to resume from" in err
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_resume_of_another_model_or_other_classes_is_refused(
+    seg2d_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "runs"
+    common = [
+        "fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu",
+        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false", "--data.patch_size", "[48, 48]",
+    ]
+    assert main([*common, "--data.root", str(seg2d_root)]) == 0
+    last = out / "seg2d_unet/version_0/checkpoints/last.ckpt"
+    before = last.stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert main([*common, "--data.root", str(seg2d_root), "--model.init_args.network_args.channels", "[8, 16, 32, 64]",
+                 "--ckpt_path", "last"]) == 2
+    err = capsys.readouterr().err
+    assert str(last) in err and "network_args: checkpoint {'channels': [16, 32, 64, 128]" in err
+
+    two_classes = make_synthetic(tmp_path / "two", dims=2, cases=6, classes=2, task="seg", size=(48, 48))
+    assert main([*common, "--data.root", str(two_classes), "--ckpt_path", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert str(last) in err and "num_classes: checkpoint 3, this run 2" in err
+    assert last.stat().st_mtime_ns == before  # nothing trained, nothing overwritten
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from medseg.resume import AtomicCheckpointIO
+
+def dies_half_way(obj, handle, *args, **kwargs):
+    handle.write(b"PK" + bytes(1000))  # the start of a zip archive, then the process is gone
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = dies_half_way
+AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.full((4,), 2.0)}}, sys.argv[1])
+"""
+
+
+def test_a_kill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(4)}}, path)
+    done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(path)], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(4))
+    # Only a hidden temporary file is left beside it, never a half-written last.ckpt.
+    assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == ["last.ckpt"]
