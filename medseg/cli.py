@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.data.checks import DataCheckError
     from medseg.data.datalist import DatasetError
     from medseg.data.io import ImageReadError
-    from medseg.resume import ResumeError
+    from medseg.errors import ConfigError, ResumeError
 
     try:
         if command in LIGHTNING_COMMANDS:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if command in commands:
             return commands[command](rest)
-    except (DataCheckError, DatasetError, ImageReadError, ResumeError, FileExistsError, FileNotFoundError) as err:
+    except (DataCheckError, DatasetError, ImageReadError, ResumeError, ConfigError, FileExistsError, FileNotFoundError) as err:
         print(f"medseg {command}: {err}", file=sys.stderr)
         return 2
     print(f"medseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

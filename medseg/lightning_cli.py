@@ -10,9 +10,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from medseg.data.datamodule import MedSegDataModule
+from medseg.errors import ConfigError, ResumeError
 from medseg.resume import (
     AtomicCheckpointIO,
-    ResumeError,
     checkpoint_summary,
     claim_run_folder,
     resolve_resume,
@@ -46,7 +46,8 @@ class MedSegCLI(LightningCLI):
     * ``data.seed`` defaults to ``seed_everything``; checkpoints are written atomically.
     """
 
-    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, args: list[str] | None = None, *, single_process: bool = False, **kwargs: Any) -> None:
+        self.single_process = single_process
         super().__init__(
             model_class=MedSegModule,
             datamodule_class=MedSegDataModule,
@@ -80,6 +81,12 @@ class MedSegCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
+        if self.single_process and self.trainer.world_size > 1:
+            raise ConfigError(
+                f"this command trains in one process, but the trainer asks for {self.trainer.world_size} "
+                "(devices x num_nodes); run cross-validation folds in parallel instead, one per GPU: "
+                "medseg cv ... --fold K with CUDA_VISIBLE_DEVICES=K"
+            )
         if self.resume_from is not None:
             self._check_resume(self.resume_from)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -31,10 +31,6 @@ LAST = "last.ckpt"
 _VERSION = re.compile(r"version_(\d+)$")
 
 
-class ResumeError(ValueError):
-    """A checkpoint that cannot continue this run (another model, other classes)."""
-
-
 def launched_rank() -> int:
     """This process's global rank as its launcher (torchrun, srun, Lightning's DDP launcher) set it; 0 when
     it was started by hand. Known before torch.distributed starts."""

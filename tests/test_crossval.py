@@ -60,3 +60,14 @@ def test_holdout_cv_evaluates_only_the_held_out_cases(seg2d_root: Path, tmp_path
     held_out = json.loads((out / "splits.json").read_text())[0]["val"]
     assert summary["cases"] == len(held_out) and summary["missing_predictions"] == []
     assert (out / "postprocessing.json").is_file()
+
+
+def test_cv_refuses_a_multi_process_trainer_before_training(seg2d_root: Path, tmp_path: Path, capsys) -> None:
+    code = main([
+        "cv", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--output", str(tmp_path / "cv"), "--folds", "2",
+        "--data.root", str(seg2d_root), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+        "--trainer.strategy", "ddp",
+    ])
+    assert code == 2
+    assert "trains in one process" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))

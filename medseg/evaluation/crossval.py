@@ -81,7 +81,7 @@ def run_cv(
         cli = MedSegCLI(args=[
             "fit", "--config", str(config), *overrides, "--data.val_cases", json.dumps(val),
             "--trainer.default_root_dir", str(output / f"fold_{k}"), "--seed_everything", str(seed),
-        ])
+        ], single_process=True)  # a DDP launcher would re-run the whole `medseg cv` command in each process
         timing["train_seconds"] += time.perf_counter() - start
         checkpoints[k] = saved_checkpoint(cli.trainer, "best")
         log_dirs[k] = str(cli.trainer.log_dir)

@@ -1,0 +1,11 @@
+"""Errors the ``medseg`` command reports as one line and exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (another model, other classes)."""
+
+
+class ConfigError(ValueError):
+    """Options that cannot work together, found before anything runs."""
