@@ -66,14 +66,26 @@ class MedSegModule(pl.LightningModule):
         if problems:
             raise ValueError("the checkpoint does not match this model: " + "; ".join(problems))
 
+    def configure_model(self) -> None:
+        """Speed options, applied once before training or evaluation starts (Lightning hook)."""
+        if self.hparams.get("channels_last"):
+            self.net.to(memory_format=channels_last_format(self.hparams.spatial_dims))
+        options = self.hparams.get("compile")
+        if options and not getattr(self, "_compiled", False):
+            # Module.compile compiles in place: state_dict names stay free of torch.compile's "_orig_mod."
+            self.net.compile(**({} if options is True else dict(options)))
+            self._compiled = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K, ...)`` of the network for ``x`` ``(B, C, ...)``."""
+        if self.hparams.get("channels_last"):
+            x = x.contiguous(memory_format=channels_last_format(self.hparams.spatial_dims))
         return self.net(x)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on a batch: image ``(B, C, ...)``, label ``(B, 1, ...)`` label map or ``(B,)`` class index."""
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
-        loss = self.loss_fn(self(image), label)
+        loss = self.loss_fn(self(image).float(), label)  # in float32 under mixed precision
         self.log(
             "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0], sync_dist=True
         )
@@ -98,6 +110,11 @@ class MedSegModule(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.hparams.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def channels_last_format(spatial_dims: int) -> torch.memory_format:
+    """``torch.channels_last`` for 2D networks, ``torch.channels_last_3d`` for 3D ones."""
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
 # What must be equal for a checkpoint to continue this model: the network and what its shape depends on.
