@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from monai import transforms as mt
 
+from medseg.data.datamodule import MedSegDataModule
 from medseg.lightning_cli import MedSegCLI
 from medseg.resume import saved_checkpoint
 from medseg.tasks.segmentation import SegmentationModule
@@ -96,3 +99,26 @@ def test_inductor_compiled_training_step_matches_eager() -> None:
     eager, compiled = small_module(), small_module(compile=True)
     compiled.configure_model()
     assert compiled.training_step(batch(), 0).item() == pytest.approx(eager.training_step(batch(), 0).item(), rel=1e-4)
+
+
+def test_augment_on_device_moves_the_augmentation_from_the_loader_to_the_batch(seg3d_root: Path) -> None:
+    dm = MedSegDataModule(
+        str(seg3d_root), patch_size=[16, 16, 8], augmentation={"flip": {"prob": 1.0}, "noise": {"prob": 0.5}},
+        augment_on_device=True, check_data=False,
+    )
+    loader_chain = dm.transforms(train=True).flatten().transforms
+    assert not any(isinstance(t, (mt.RandFlipd, mt.RandGaussianNoised)) for t in loader_chain)
+    image = torch.randn(2, 1, 16, 16, 8, generator=torch.Generator().manual_seed(0))
+    collated = {"image": image, "label": (image > 1).float(), "id": ["case_000", "case_001"]}
+    dm.trainer = SimpleNamespace(training=True, current_epoch=3)
+    out = dm.on_after_batch_transfer(collated, 0)
+    # flip with prob 1 on every axis: label and image flipped together, label values untouched
+    assert torch.equal(out["label"], torch.flip(collated["label"], dims=(2, 3, 4)))
+    noise = out["image"] - torch.flip(image, dims=(2, 3, 4))
+    assert torch.equal(dm.augment_batch(collated, 3)["image"], out["image"])  # seeded by (seed, epoch, case)
+    assert not torch.equal(dm.augment_batch(collated, 4)["image"], out["image"])
+    assert noise.abs().max() < 1  # noise std 0.1 at most, when drawn
+    dm.trainer = SimpleNamespace(training=False, current_epoch=3)
+    assert dm.on_after_batch_transfer(collated, 0) is collated  # validation batches are left alone
+    with pytest.raises(ValueError, match="for 3D data"):
+        MedSegDataModule(str(seg3d_root), spatial_dims=2, patch_size=[16, 16], augment_on_device=True)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
+from medseg.data.sampling import mixed_seed
 from medseg.data.transforms import keys_for
 
 AUGMENTATIONS_3D = (
@@ -64,6 +65,26 @@ def augmentation_transforms(
     if spatial_dims == 3:
         return [_monai_3d(name, dict(opts or {}), keys) for name, opts in spec.items()]
     return [AlbumentationsD(keys, spec, seed=seed)]
+
+
+def augment_collated(
+    transform: mt.Compose, batch: dict[str, Any], keys: tuple[str, ...], seed: int, epoch: int
+) -> dict[str, Any]:
+    """Apply ``transform`` to each case of a collated batch where the batch lies (GPU augmentation).
+
+    Args:
+        transform: the augmentation (MONAI dict transforms work on CUDA tensors).
+        batch: ``image`` ``(B, C, *spatial)``, optional ``label`` ``(B, 1, *spatial)``, ``id`` (B case ids).
+        keys: the keys to augment together.
+        seed, epoch: with the case id and its place in the batch, the seed of each case's draw, so the result
+            does not depend on what ran before (exact resume).
+    """
+    keys = tuple(k for k in keys if torch.is_tensor(batch.get(k)))
+    samples = []
+    for index, case_id in enumerate(batch["id"]):
+        transform.set_random_state(seed=mixed_seed(seed, epoch, str(case_id), index))
+        samples.append(transform({k: batch[k][index] for k in keys}))
+    return {**batch, **{k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}}
 
 
 def _take(opts: dict[str, Any], name: str, **defaults: Any) -> dict[str, Any]:

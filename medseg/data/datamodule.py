@@ -14,7 +14,7 @@ from monai import data as md
 from monai import transforms as mt
 from torch.utils.data import DataLoader
 
-from medseg.data.augment import augmentation_transforms
+from medseg.data.augment import augment_collated, augmentation_transforms
 from medseg.data.checks import assert_dataset_ok
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
 from medseg.data.sampling import EpochSampler, EpochSeededDataset, LocalSampler, run_seed, shard
@@ -48,6 +48,9 @@ class MedSegDataModule(pl.LightningDataModule):
             processes if any; the fast choice with ``cache: memory`` on a GPU).
         preprocessing: preprocessing spec (see :mod:`medseg.data.transforms`).
         augmentation: augmentation spec (see :mod:`medseg.data.augment`).
+        augment_on_device: 3D only: apply the augmentation to each training batch after it reached the
+            training device (the GPU) instead of in the loader, case by case, seeded as in the loader by
+            ``(seed, epoch, case)``; frees loader CPUs when they are the bottleneck.
         check_data: read every case and refuse bad data before training (see ``medseg check-data``).
         seed: seed of the train/validation split, the training order and the augmentation; ``None`` (the
             default) takes the run's ``seed_everything``.
@@ -75,6 +78,7 @@ class MedSegDataModule(pl.LightningDataModule):
         loader: str = "process",
         preprocessing: dict[str, Any] | None = None,
         augmentation: dict[str, dict[str, Any]] | None = None,
+        augment_on_device: bool = False,
         check_data: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -87,6 +91,8 @@ class MedSegDataModule(pl.LightningDataModule):
         if loader not in LOADERS:
             raise ValueError(f"loader must be one of {list(LOADERS)}, got {loader!r}")
         self.seed = run_seed() if seed is None else seed
+        if augment_on_device and spatial_dims != 3:
+            raise ValueError("augment_on_device is for 3D data: 2D augmentation (albumentations) runs on the CPU")
         self.spec: DatasetSpec = load_dataset(root)
         self.patch_size = list(patch_size or ([96, 96] if spatial_dims == 2 else [64, 64, 32]))
         if len(self.patch_size) != spatial_dims:
@@ -104,6 +110,7 @@ class MedSegDataModule(pl.LightningDataModule):
         self.train_cases, self.val_cases = split_cases(self.spec.training, val_fraction, val_cases, self.seed)
         self._datasets: dict[str, Any] = {}
         self._totals: dict[str, int] = {}
+        self._device_augmentation: mt.Compose | None = None
         self._checked = False
 
     # Values the model needs, linked in the CLI (stated once, in the data config).
@@ -149,11 +156,31 @@ class MedSegDataModule(pl.LightningDataModule):
                 chain += patch_sampling_transforms(
                     self.patch_size, self.hparams.pos_fraction, self.hparams.samples_per_volume
                 )
-            chain += augmentation_transforms(self.hparams.augmentation, self.task, dims, self.seed)
+            if not self.hparams.augment_on_device:
+                chain += augmentation_transforms(self.hparams.augmentation, self.task, dims, self.seed)
         # Batches carry plain tensors: per-case metadata (affines, file names) differs between cases and the
         # training loop does not need it; prediction keeps it (medseg.inference.native).
         chain.append(mt.EnsureTyped(keys=keys_for(self.task), track_meta=False))
         return mt.Compose(chain)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``augment_on_device``, augment training batches where they now lie (Lightning hook)."""
+        trainer = self.trainer
+        if self.hparams.augment_on_device and trainer is not None and trainer.training:
+            return self.augment_batch(batch, trainer.current_epoch)
+        return batch
+
+    def augment_batch(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """The augmentation of the config applied to each case of a collated batch, on the batch's device.
+
+        Args:
+            batch: ``image`` ``(B, C, *spatial)``, ``label`` ``(B, 1, *spatial)`` (segmentation), ``id`` (B,).
+            epoch: the training epoch, part of each case's seed.
+        """
+        if self._device_augmentation is None:
+            spec, dims = self.hparams.augmentation, self.spatial_dims
+            self._device_augmentation = mt.Compose(augmentation_transforms(spec, self.task, dims, self.seed))
+        return augment_collated(self._device_augmentation, batch, keys_for(self.task), self.seed, epoch)
 
     def setup(self, stage: str | None = None) -> None:
         """Check the data once (before any training), then build this process's share of the datasets
