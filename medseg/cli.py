@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -63,10 +64,17 @@ def run_lightning(argv: list[str]) -> int:
     import warnings
 
     from medseg.lightning_cli import MedSegCLI
+    from medseg.resume import RUN_FOLDER_ENV, launched_rank, release_empty_run_folder
 
+    if launched_rank() == 0:
+        os.environ.pop(RUN_FOLDER_ENV, None)  # a folder an earlier run in this process claimed is not ours
     with warnings.catch_warnings():  # `args` are this process's own command line, passed on explicitly
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        MedSegCLI(args=argv)
+        try:
+            MedSegCLI(args=argv)
+        except BaseException:
+            release_empty_run_folder()
+            raise
     return 0
 
 

@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,21 @@ def claim_run_folder(run_root: Path) -> int:
 
 def share_run_folder(run_root: Path, version: int) -> None:
     os.environ[RUN_FOLDER_ENV] = json.dumps({"root": str(run_root.resolve()), "version": version})
+
+
+def release_empty_run_folder() -> None:
+    """Remove the run folder this process claimed when the run stopped before writing anything of its own
+    into it (a data check or a configuration error), so failed attempts do not leave ``version_N`` folders
+    holding nothing but a TensorBoard file header."""
+    claimed = json.loads(os.environ.get(RUN_FOLDER_ENV, "{}"))
+    if not claimed or launched_rank() != 0:
+        return
+    folder = Path(claimed["root"]) / f"version_{claimed['version']}"
+    if not folder.is_dir():
+        return
+    contents = list(folder.iterdir())
+    if all(p.name.startswith("events.out.tfevents.") and p.stat().st_size < 65536 for p in contents):
+        shutil.rmtree(folder)
 
 
 def resolve_resume(ckpt_path: str, run_root: Path) -> Path:

@@ -119,6 +119,7 @@ def test_fit_refuses_bad_data_before_training(seg3d_root: Path, tmp_path: Path, 
     assert code == 2
     assert broken.name in err and "truncated" in err.lower()
     assert not list((tmp_path / "runs").rglob("*.ckpt")), "training must not start on bad data"
+    assert not list((tmp_path / "runs").rglob("version_*")), "the failed attempt leaves no empty run folder"
 
 
 def test_task_mismatch_is_refused(cls2d_root: Path, tmp_path: Path) -> None:
