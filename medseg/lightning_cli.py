@@ -15,6 +15,8 @@ from medseg.resume import (
     AtomicCheckpointIO,
     checkpoint_summary,
     claim_run_folder,
+    drop_rows_after,
+    launched_rank,
     resolve_resume,
     run_folder_of,
     share_run_folder,
@@ -105,6 +107,9 @@ class MedSegCLI(LightningCLI):
         problems = resume_mismatches(saved, self.model.TASK, dict(self.model.hparams))
         if problems:
             raise ResumeError(f"{path}: cannot resume this run from it: " + "; ".join(problems))
+        folder = run_folder_of(path)
+        if folder and launched_rank() == 0:
+            drop_rows_after(folder[0] / f"version_{folder[1]}" / "metrics.csv", int(saved["global_step"]))
         rank_zero_info(f"medseg fit: resuming from {path} (epoch {saved['epoch']}, step {saved['global_step']})")
 
 

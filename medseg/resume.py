@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from medseg.data.io import atomic_path
+from medseg.data.io import atomic_path, write_csv
 
 # How a launching process (global rank 0) tells the DDP processes it starts which run folder it claimed.
 RUN_FOLDER_ENV = "MEDSEG_RUN_FOLDER"
@@ -35,12 +36,14 @@ _VERSION = re.compile(r"version_(\d+)$")
 def launched_rank() -> int:
     """This process's global rank as its launcher (torchrun, srun, Lightning's DDP launcher) set it; 0 when
     it was started by hand. Known before torch.distributed starts."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    local = int(os.environ.get("LOCAL_RANK", 0) or 0)
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
-    return local + node  # only whether it is 0 matters here
+    if os.environ.get("RANK", "").isdigit():  # torchrun
+        return int(os.environ["RANK"])
+    if "LOCAL_RANK" in os.environ:  # Lightning's launcher sets it (and NODE_RANK) for the processes it starts
+        node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
+        return int(os.environ["LOCAL_RANK"] or 0) + node  # only whether it is 0 matters here
+    if SLURMEnvironment.detect():  # srun tasks; not an interactive SLURM shell, where Lightning launches
+        return int(os.environ["SLURM_PROCID"])
+    return 0
 
 
 def versions(run_root: Path) -> list[int]:
@@ -101,14 +104,31 @@ def resolve_resume(ckpt_path: str, run_root: Path) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
         return path
-    for version in reversed(versions(run_root)):
-        path = run_root / f"version_{version}" / "checkpoints" / LAST
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"--ckpt_path last: no {run_root}/version_*/checkpoints/{LAST} to resume from; "
-        "leave out --ckpt_path to start a new run"
-    )
+    found = versions(run_root)
+    if not found:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no run under {run_root} to resume from; leave out --ckpt_path to start a new run"
+        )
+    path = run_root / f"version_{found[-1]}" / "checkpoints" / LAST
+    if not path.is_file():  # never an older run instead: it may be another experiment, or finished
+        raise FileNotFoundError(
+            f"--ckpt_path last: the newest run {path.parent.parent} has no checkpoints/{LAST} (it stopped before "
+            "its first epoch ended); start it again, or name a checkpoint with --ckpt_path FILE"
+        )
+    return path
+
+
+def drop_rows_after(metrics_csv: Path, global_step: int) -> None:
+    """Remove the rows a killed run logged after its last checkpoint (``step >= global_step``): the resumed
+    run logs those steps again."""
+    if not metrics_csv.is_file():
+        return
+    with metrics_csv.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns, rows = list(reader.fieldnames or []), list(reader)
+    kept = [row for row in rows if not row.get("step", "").isdigit() or int(row["step"]) < global_step]
+    if len(kept) < len(rows) and columns:
+        write_csv(metrics_csv, kept, columns)
 
 
 def run_folder_of(checkpoint: Path) -> tuple[Path, int] | None:

@@ -15,7 +15,7 @@ import torch
 
 from medseg.cli import main
 from medseg.data.synthetic import make_synthetic
-from medseg.resume import AtomicCheckpointIO
+from medseg.resume import AtomicCheckpointIO, launched_rank
 
 REPO = Path(__file__).parents[1]
 CONFIG = REPO / "configs" / "seg2d_unet.yaml"
@@ -47,16 +47,16 @@ def final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def test_killed_run_resumed_with_ckpt_path_last_ends_like_an_uninterrupted_one(
     seg2d_root: Path, tmp_path: Path
 ) -> None:
-    medseg_fit(tmp_path / "whole", seg2d_root)
-    # Killed mid-epoch 1 (3 steps an epoch), with loader workers; resumed without them from the end of epoch 0.
+    dropout = ["--model.init_args.network_args.dropout", "0.2"]  # draws from torch's global generator
+    medseg_fit(tmp_path / "whole", seg2d_root, *dropout)
+    # Killed mid-epoch 1 (3 steps an epoch) and resumed from the end of epoch 0, both with loader workers.
     killer = json.dumps({"class_path": "tests.kill_callback.KillAtStep", "init_args": {"step": 5}})
-    killed = medseg_fit(
-        tmp_path / "split", seg2d_root, "--trainer.callbacks+", killer, "--data.num_workers", "2", check=False
-    )
+    workers = ["--data.num_workers", "2", *dropout]
+    killed = medseg_fit(tmp_path / "split", seg2d_root, "--trainer.callbacks+", killer, *workers, check=False)
     assert killed.returncode == -signal.SIGKILL
     epoch = torch.load(tmp_path / "split/seg2d_unet/version_0/checkpoints/last.ckpt", weights_only=True)["epoch"]
     assert epoch == 0  # so the resumed run really redoes epochs 1 and 2
-    resumed = medseg_fit(tmp_path / "split", seg2d_root, "--ckpt_path", "last")
+    resumed = medseg_fit(tmp_path / "split", seg2d_root, "--ckpt_path", "last", *workers)
     assert "resuming from" in resumed.stderr + resumed.stdout
 
     whole_weights, whole_row = final_state(tmp_path / "whole")
@@ -67,9 +67,12 @@ def test_killed_run_resumed_with_ckpt_path_last_ends_like_an_uninterrupted_one(
         assert torch.equal(tensor, split_weights[name]), name
     for key in ("epoch", "step", "val/dice", "val/loss"):
         assert whole_row[key] == split_row[key], key
-    # The resumed run appended to metrics.csv: the epoch-0 rows written before the kill are still there.
-    rows = list(csv.DictReader((tmp_path / "split/seg2d_unet/version_0/metrics.csv").open()))
-    assert sorted({row["epoch"] for row in rows if row.get("val/dice")}) == ["0", "1", "2"]
+    # metrics.csv continues: the rows before the checkpoint kept, those the killed run logged after it
+    # replaced by the resumed run's, so it reads exactly as the uninterrupted run's.
+    def rows(out: Path) -> list[dict[str, str]]:
+        return list(csv.DictReader((out / "seg2d_unet/version_0/metrics.csv").open()))
+
+    assert rows(tmp_path / "split") == rows(tmp_path / "whole")
 
 
 def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(
@@ -81,8 +84,38 @@ def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(
     ])
     assert code == 2
     err = capsys.readouterr().err
-    assert "--ckpt_path last: no " in err and "last.ckpt to resume from" in err
+    assert "--ckpt_path last: no run under" in err
     assert not list(tmp_path.rglob("*.ckpt"))
+    # The newest run has no last.ckpt: an error, never an older (maybe finished, maybe other) run instead.
+    older = tmp_path / "seg2d_unet/version_0/checkpoints/last.ckpt"
+    older.parent.mkdir(parents=True)
+    older.write_bytes(b"an older run")
+    (tmp_path / "seg2d_unet/version_1").mkdir()
+    code = main([
+        "fit", "--config", str(CONFIG), "--data.root", str(seg2d_root), "--trainer.default_root_dir", str(tmp_path),
+        "--ckpt_path", "last",
+    ])
+    assert code == 2 and "version_1 has no checkpoints/last.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3", "LOCAL_RANK": "1"}, 3),  # torchrun
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash"}, 1),  # salloc shell
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, 1),
+        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train"}, 2),  # srun
+    ],
+)
+def test_launched_rank_reads_the_launcher_that_started_the_process(
+    env: dict[str, str], rank: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert (launched_rank() == 0) == (rank == 0)
 
 
 def test_resume_of_another_model_or_other_classes_is_refused(
@@ -113,7 +146,7 @@ def test_resume_of_another_model_or_other_classes_is_refused(
 
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
-from medseg.resume import AtomicCheckpointIO
+from medseg.resume import AtomicCheckpointIO, launched_rank
 
 def dies_half_way(obj, handle, *args, **kwargs):
     handle.write(b"PK" + bytes(1000))  # the start of a zip archive, then the process is gone
@@ -131,5 +164,8 @@ def test_a_kill_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path: 
     done = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(path)], capture_output=True, timeout=120)
     assert done.returncode == -signal.SIGKILL
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(4))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any other file, not mkstemp's 0600
     # Only a hidden temporary file is left beside it, never a half-written last.ckpt.
     assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == ["last.ckpt"]

@@ -14,6 +14,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from medseg.data.datamodule import MedSegDataModule
 from medseg.data.sampling import EpochSampler, EpochSeededDataset, LocalSampler, shard
+from medseg.errors import ConfigError
 from medseg.lightning_cli import MedSegCLI
 from medseg.tasks.segmentation import dice_summary, dice_sums
 
@@ -64,8 +65,8 @@ def test_augmentation_is_seeded_per_case_and_epoch_not_by_what_ran_before() -> N
     assert torch.equal(next(iter(loader))["image"][0], second[(1, 0)]["image"])
 
 
-def _fake_trainer(rank: int, world_size: int) -> SimpleNamespace:
-    return SimpleNamespace(global_rank=rank, world_size=world_size)
+def _fake_trainer(rank: int, world_size: int, limit_val_batches: float = 1.0) -> SimpleNamespace:
+    return SimpleNamespace(global_rank=rank, world_size=world_size, limit_val_batches=limit_val_batches)
 
 
 def test_each_process_builds_and_caches_only_its_shard(seg3d_root: Path) -> None:
@@ -118,3 +119,12 @@ def test_ddp_trainer_config_composes_with_an_experiment(seg3d_root: Path, tmp_pa
     assert isinstance(cli.trainer.strategy, DDPStrategy)
     assert isinstance(cli.trainer.strategy._layer_sync, TorchSyncBatchNorm)  # BatchNorm -> SyncBatchNorm
     assert (tmp_path / "seg3d_unet" / "version_0").is_dir()  # named after the experiment, not "ddp"
+
+
+def test_a_fraction_of_validation_batches_is_refused_under_ddp(seg3d_root: Path) -> None:
+    # 0.5 of a 1-case share is no batch on that process only, which stalls the others in DDP.
+    dm = MedSegDataModule(str(seg3d_root), patch_size=[16, 16, 8], val_cases=["case_004", "case_005"],
+                          check_data=False)
+    dm.trainer = _fake_trainer(0, 2, limit_val_batches=0.5)
+    with pytest.raises(ConfigError, match="limit_val_batches=0.5"):
+        dm.setup("fit")

@@ -112,6 +112,7 @@ def test_augment_on_device_moves_the_augmentation_from_the_loader_to_the_batch(s
     collated = {"image": image, "label": (image > 1).float(), "id": ["case_000", "case_001"]}
     dm.trainer = SimpleNamespace(training=True, current_epoch=3)
     out = dm.on_after_batch_transfer(collated, 0)
+    assert type(out["image"]) is torch.Tensor  # no MONAI MetaTensor reaches the network
     # flip with prob 1 on every axis: label and image flipped together, label values untouched
     assert torch.equal(out["label"], torch.flip(collated["label"], dims=(2, 3, 4)))
     noise = out["image"] - torch.flip(image, dims=(2, 3, 4))

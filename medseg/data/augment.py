@@ -84,7 +84,14 @@ def augment_collated(
     for index, case_id in enumerate(batch["id"]):
         transform.set_random_state(seed=mixed_seed(seed, epoch, str(case_id), index))
         samples.append(transform({k: batch[k][index] for k in keys}))
-    return {**batch, **{k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}}
+    plain = {k: torch.stack([_plain_tensor(s[k]) for s in samples]) for k in keys}
+    return {**batch, **plain}
+
+
+def _plain_tensor(value: Any) -> torch.Tensor:
+    """A torch tensor without MONAI metadata (as the loader's ``EnsureTyped(track_meta=False)`` gives)."""
+    tensor = torch.as_tensor(value)
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
 def _take(opts: dict[str, Any], name: str, **defaults: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from monai import data as md
 from monai import transforms as mt
 from torch.utils.data import DataLoader
@@ -19,6 +20,7 @@ from medseg.data.checks import assert_dataset_ok
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
 from medseg.data.sampling import EpochSampler, EpochSeededDataset, LocalSampler, run_seed, shard
 from medseg.data.transforms import Preprocessing, keys_for, patch_sampling_transforms, preprocess_transforms
+from medseg.errors import ConfigError
 
 CACHE_MODES = ("none", "memory", "disk")
 LOADERS = ("process", "thread")
@@ -186,6 +188,8 @@ class MedSegDataModule(pl.LightningDataModule):
         """Check the data once (before any training), then build this process's share of the datasets
         ``stage`` needs."""
         rank, world_size = self._rank_and_world_size()
+        if world_size > 1:
+            self._check_distributed_options()
         if self.hparams.check_data and not self._checked:
             # Each process reads its shard of the files; all of them then stop with the full report.
             assert_dataset_ok(self.spec.source, spatial_dims=self.spatial_dims, shard=(rank, world_size))
@@ -202,6 +206,20 @@ class MedSegDataModule(pl.LightningDataModule):
                 )
             self._totals[name] = len(cases)
             self._datasets[name] = self._dataset(shard(cases, rank, world_size), train=name == "train")
+
+    def _check_distributed_options(self) -> None:
+        """What DDP needs of the data: one split for every process, and every process validating."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A random seed_everything under torchrun/srun gives each process its own seed: take rank 0's split.
+            val_ids = [[case["id"] for case in self.val_cases]]
+            torch.distributed.broadcast_object_list(val_ids, src=0)
+            self.train_cases, self.val_cases = split_cases(self.spec.training, 0.0, val_ids[0], self.seed)
+        limit = self.trainer.limit_val_batches
+        if isinstance(limit, float) and 0.0 < limit < 1.0:
+            raise ConfigError(
+                f"trainer.limit_val_batches={limit}: a fraction of each process's validation share can be no "
+                "batch at all on some processes, which stalls DDP; give a number of batches instead"
+            )
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -227,8 +245,8 @@ class MedSegDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse to resume on data whose classes or channels differ from the checkpoint's."""
-        for key in ("channel_names", "label_names"):
+        """Refuse to resume on data whose classes, channels or validation cases differ from the checkpoint's."""
+        for key in ("channel_names", "label_names", "val_ids"):
             if key in state_dict and list(state_dict[key]) != list(self.state_dict()[key]):
                 raise ValueError(
                     f"{self.spec.source}: the checkpoint was trained with {key} {state_dict[key]}, "
@@ -264,6 +282,10 @@ class MedSegDataModule(pl.LightningDataModule):
         dataset = self._datasets["train"]
         rank, world_size = self._rank_and_world_size()
         sampler = EpochSampler(len(dataset), self._totals["train"], world_size, rank, self.seed)
+        if self.trainer is not None:
+            # A resumed run creates its first iterator (and loader workers fetch from it) before Lightning calls
+            # set_epoch, so the sampler must already know the epoch it resumes at.
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed)
         return self._loader(dataset, self.hparams.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:

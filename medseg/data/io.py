@@ -135,6 +135,9 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the final file gets open()'s usual mode
     try:
         yield tmp
         os.replace(tmp, path)

@@ -55,10 +55,13 @@ class MedSegModule(pl.LightningModule):
         # processes are counted as 1 per process).
         self.eval_losses = torch.nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The epoch's randomness (dropout, ...) depends on (seed, epoch, rank) only, as the data order and the
-        # augmentation do (medseg.data.sampling): a run resumed at an epoch boundary continues exactly.
-        reseed_globals(mixed_seed(run_seed(), self.current_epoch, self.global_rank))
+        # augmentation do (medseg.data.sampling): a run resumed at an epoch boundary continues exactly. At the
+        # first batch, not at epoch start: creating the loader iterator draws from torch's generator, and a
+        # resumed run creates it earlier than an uninterrupted one.
+        if batch_idx == 0:
+            reseed_globals(mixed_seed(run_seed(), self.current_epoch, self.global_rank))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume (or load) a checkpoint of another model or another set of classes."""
