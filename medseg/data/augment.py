@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-from medseg.data.sampling import mixed_seed
+from medseg.data.sampling import mixed_seed, share_random_state
 from medseg.data.transforms import keys_for
 
 AUGMENTATIONS_3D = (
@@ -80,9 +80,10 @@ def augment_collated(
             does not depend on what ran before (exact resume).
     """
     keys = tuple(k for k in keys if torch.is_tensor(batch.get(k)))
+    stream = share_random_state(transform)
     samples = []
     for index, case_id in enumerate(batch["id"]):
-        transform.set_random_state(seed=mixed_seed(seed, epoch, str(case_id), index))
+        stream.seed(mixed_seed(seed, epoch, str(case_id), index))
         samples.append(transform({k: batch[k][index] for k in keys}))
     plain = {k: torch.stack([_plain_tensor(s[k]) for s in samples]) for k in keys}
     return {**batch, **plain}
