@@ -53,10 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         if command in commands:
             return commands[command](rest)
     except (DataCheckError, DatasetError, ImageReadError, ResumeError, ConfigError, FileExistsError, FileNotFoundError) as err:
-        print(f"medseg {command}: {err}", file=sys.stderr)
+        if command not in LIGHTNING_COMMANDS or _first_process():
+            print(f"medseg {command}: {err}", file=sys.stderr)  # once, not once per DDP process
         return 2
     print(f"medseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _first_process() -> bool:
+    from medseg.resume import launched_rank
+
+    return launched_rank() == 0
 
 
 def run_lightning(argv: list[str]) -> int:
