@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-from medseg.data.sampling import mixed_seed, share_random_state
+from medseg.data.sampling import mixed_seed
 from medseg.data.transforms import keys_for
 
 AUGMENTATIONS_3D = (
@@ -68,19 +68,24 @@ def augmentation_transforms(
 
 
 def augment_collated(
-    transform: mt.Compose, batch: dict[str, Any], keys: tuple[str, ...], seed: int, epoch: int
+    transform: mt.Compose,
+    stream: np.random.RandomState,
+    batch: dict[str, Any],
+    keys: tuple[str, ...],
+    seed: int,
+    epoch: int,
 ) -> dict[str, Any]:
     """Apply ``transform`` to each case of a collated batch where the batch lies (GPU augmentation).
 
     Args:
         transform: the augmentation (MONAI dict transforms work on CUDA tensors).
+        stream: the one generator all of ``transform``'s random steps draw from (``share_random_state``).
         batch: ``image`` ``(B, C, *spatial)``, optional ``label`` ``(B, 1, *spatial)``, ``id`` (B case ids).
         keys: the keys to augment together.
         seed, epoch: with the case id and its place in the batch, the seed of each case's draw, so the result
             does not depend on what ran before (exact resume).
     """
     keys = tuple(k for k in keys if torch.is_tensor(batch.get(k)))
-    stream = share_random_state(transform)
     samples = []
     for index, case_id in enumerate(batch["id"]):
         stream.seed(mixed_seed(seed, epoch, str(case_id), index))

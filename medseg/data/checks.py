@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medseg.data import sampling
 from medseg.data.datalist import SEGMENTATION, DatasetError, DatasetSpec, find_description, load_dataset
 from medseg.data.io import ImageReadError, is_nifti, read_image, spacing_from_affine
 
@@ -136,7 +137,7 @@ def _run_checks(
         problems.append(Problem(source, "no training cases (the 'training' list is empty)"))
     checker = _CaseChecker(spec, tolerance, spatial_dims)
     cases = [("training", c) for c in spec.training] + [("test", c) for c in spec.test]
-    cases = cases[rank::world_size]
+    cases = sampling.shard(cases, rank, world_size)
     for where, case in tqdm(cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress):
         problems += checker.check(case, where)
     return problems, len(cases)

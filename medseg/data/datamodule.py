@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader
 from medseg.data.augment import augment_collated, augmentation_transforms
 from medseg.data.checks import assert_dataset_ok
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
-from medseg.data.sampling import EpochSampler, EpochSeededDataset, LocalSampler, run_seed, shard
+from medseg.data.sampling import (
+    EpochSampler,
+    EpochSeededDataset,
+    LocalSampler,
+    run_seed,
+    shard,
+    share_random_state,
+)
 from medseg.data.transforms import Preprocessing, keys_for, patch_sampling_transforms, preprocess_transforms
 from medseg.errors import ConfigError
 
@@ -112,7 +119,7 @@ class MedSegDataModule(pl.LightningDataModule):
         self.train_cases, self.val_cases = split_cases(self.spec.training, val_fraction, val_cases, self.seed)
         self._datasets: dict[str, Any] = {}
         self._totals: dict[str, int] = {}
-        self._device_augmentation: mt.Compose | None = None
+        self._device_augmentation: tuple[mt.Compose, Any] | None = None  # (transform, its one generator)
         self._checked = False
 
     # Values the model needs, linked in the CLI (stated once, in the data config).
@@ -181,8 +188,10 @@ class MedSegDataModule(pl.LightningDataModule):
         """
         if self._device_augmentation is None:
             spec, dims = self.hparams.augmentation, self.spatial_dims
-            self._device_augmentation = mt.Compose(augmentation_transforms(spec, self.task, dims, self.seed))
-        return augment_collated(self._device_augmentation, batch, keys_for(self.task), self.seed, epoch)
+            transform = mt.Compose(augmentation_transforms(spec, self.task, dims, self.seed))
+            self._device_augmentation = (transform, share_random_state(transform))
+        transform, stream = self._device_augmentation
+        return augment_collated(transform, stream, batch, keys_for(self.task), self.seed, epoch)
 
     def setup(self, stage: str | None = None) -> None:
         """Check the data once (before any training), then build this process's share of the datasets

@@ -89,9 +89,11 @@ class MedSegModule(pl.LightningModule):
         """Loss on a batch: image ``(B, C, ...)``, label ``(B, 1, ...)`` label map or ``(B,)`` class index."""
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
         loss = self.loss_fn(self(image).float(), label)  # in float32 under mixed precision
-        self.log(
-            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=image.shape[0], sync_dist=True
-        )
+        # The step value is this process's (for the progress bar and the step log); only the epoch mean is
+        # synced across DDP processes, once an epoch, so the training step carries no extra all-reduce.
+        self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/loss_epoch", loss.detach(), on_step=False, on_epoch=True, batch_size=image.shape[0],
+                 sync_dist=True)
         return loss
 
     def _log_eval_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
