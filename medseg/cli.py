@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    _show_medseg_logs()
     from medseg.data.checks import DataCheckError
     from medseg.data.datalist import DatasetError
     from medseg.data.io import ImageReadError
@@ -58,6 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"medseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _show_medseg_logs() -> None:
+    """medseg's own log records (e.g. where the sliding window stitches) go to stderr, one line each."""
+    import logging
+
+    logger = logging.getLogger("medseg")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("medseg: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _first_process() -> bool:
@@ -101,9 +115,9 @@ def _demo(argv: list[str]) -> int:
 
 
 def _predict(argv: list[str]) -> int:
-    import torch
-
+    from medseg.data.discovery import parse_shard
     from medseg.inference.batch import PredictOptions, predict_batch
+    from medseg.inference.pipeline import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="medseg predict", description=_doc("predict"))
     parser.add_argument("--ckpt", action="append", required=True, help="checkpoint; repeat for an ensemble")
@@ -115,15 +129,23 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--postprocess", default=None, help="post-processing spec: JSON/YAML file or JSON text")
     parser.add_argument("--save-probabilities", action="store_true", help="probabilities/<case>.npz: float16 (K, ...) + affine")
     parser.add_argument("--save-uncertainty", action="store_true", help="entropy (+ member variance) maps")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda[:N]")
     parser.add_argument("--devices", type=int, default=1, help="worker processes, one per GPU (cuda:0..N-1)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="window precision: auto = what each checkpoint trained at (GPU), float32 on the CPU")
+    parser.add_argument("--shard", default=None, metavar="K/N",
+                        help="predict part K (0..N-1) of N of the cases, e.g. one SLURM array task each")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     group.add_argument("--resume", action="store_true", help="skip cases whose outputs exist")
     args = parser.parse_args(argv)
     if args.tta_axes is not None and not args.tta:
         parser.error("--tta-axes needs --tta")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    try:
+        shard = parse_shard(args.shard) if args.shard is not None else None
+    except ValueError as err:
+        print(f"medseg predict: {err}", file=sys.stderr)
+        return 2
     steps = None
     if args.postprocess:
         from medseg.inference.postprocess import load_postprocessing
@@ -135,8 +157,8 @@ def _predict(argv: list[str]) -> int:
             return 2
     options = PredictOptions(
         output=Path(args.output), tta=args.tta, tta_axes=args.tta_axes, ensemble=args.ensemble, postprocess=steps,
-        save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=device,
-        overwrite=args.overwrite, resume=args.resume,
+        save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=args.device,
+        precision=args.precision, overwrite=args.overwrite, resume=args.resume, shard=shard,
     )
     try:
         report = predict_batch(args.ckpt, args.input, options, devices=args.devices)
@@ -250,10 +272,14 @@ def _make_synthetic(argv: list[str]) -> int:
     parser.add_argument("--test-cases", type=int, default=0)
     parser.add_argument("--size", type=int, nargs="+", default=None, help="image shape, e.g. 48 48 24")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--regions", action="store_true",
+                        help="nested structures (labels 1 > 2 > 3) with overlapping regions whole/core/inner")
     args = parser.parse_args(argv)
+    if args.regions and args.task != "seg":
+        parser.error("--regions is for --task seg")
     path = make_synthetic(
         args.out, dims=args.dims, cases=args.cases, classes=args.classes, task=args.task, seed=args.seed,
-        size=args.size, channels=args.channels, test_cases=args.test_cases,
+        size=args.size, channels=args.channels, test_cases=args.test_cases, regions=args.regions,
     )
     print(f"wrote {args.cases} cases: {path}")
     return 0

@@ -30,6 +30,8 @@ DATA_TO_MODEL = {
     "in_channels": "in_channels",
     "num_classes": "num_classes",
     "label_names": "label_names",
+    "regions": "regions",
+    "region_order": "region_order",
     "roi_size": "roi_size",
     "preprocessing_spec": "preprocessing_spec",
 }

@@ -44,6 +44,7 @@ __all__ = [
     "FocalLoss",
     "create_loss",
     "list_losses",
+    "loss_activation",
 ]
 
 ACTIVATIONS = ("softmax", "sigmoid")
@@ -379,6 +380,21 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "dice_bce": _dice_bce,
     "focal": FocalLoss,
 }
+
+
+def loss_activation(name: str, options: dict[str, Any] | None = None) -> str:
+    """The output activation a loss trains the network for (``"softmax"`` or ``"sigmoid"``): the loss's
+    ``activation`` option when given, else that loss's default. Prediction applies the same one.
+
+    Raises:
+        ValueError: unknown loss name.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(list_losses())}")
+    given = (options or {}).get("activation")
+    if given is not None:
+        return str(given)
+    return str(inspect.signature(_BUILDERS[name]).parameters["activation"].default)
 
 
 def list_losses() -> list[str]:

@@ -38,6 +38,22 @@ def seg2d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def seg2d_regions_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2D nested structures (labels 1 > 2 > 3) with overlapping regions whole/core/inner, 12 cases of 48x48."""
+    root = tmp_path_factory.mktemp("seg2d_regions")
+    make_synthetic(root, dims=2, cases=12, task="seg", size=(48, 48), seed=5, regions=True, test_cases=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def seg3d_regions_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3D nested structures with overlapping regions, 6 cases of 24x24x12."""
+    root = tmp_path_factory.mktemp("seg3d_regions")
+    make_synthetic(root, dims=3, cases=6, task="seg", size=(24, 24, 12), seed=6, regions=True)
+    return root
+
+
+@pytest.fixture(scope="session")
 def cls3d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3D classification, 8 cases of 24^3, 2 classes."""
     root = tmp_path_factory.mktemp("cls3d")
@@ -54,9 +70,11 @@ def cls2d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def roots(seg3d_root: Path, seg2d_root: Path, cls3d_root: Path, cls2d_root: Path) -> dict[str, Path]:
-    """Dataset root by config prefix (seg2d, seg3d, cls2d, cls3d)."""
-    return {"seg3d": seg3d_root, "seg2d": seg2d_root, "cls3d": cls3d_root, "cls2d": cls2d_root}
+def roots(seg3d_root: Path, seg2d_root: Path, cls3d_root: Path, cls2d_root: Path,
+          seg3d_regions_root: Path) -> dict[str, Path]:
+    """Dataset root by config prefix (seg2d, seg3d, cls2d, cls3d; seg3d_regions for region configs)."""
+    return {"seg3d": seg3d_root, "seg2d": seg2d_root, "cls3d": cls3d_root, "cls2d": cls2d_root,
+            "seg3d_regions": seg3d_regions_root}
 
 
 def _one_epoch_checkpoint(config: str, root: Path, out: Path, *extra: str) -> Path:

@@ -23,7 +23,7 @@ def test_every_required_config_is_shipped() -> None:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_runs_one_step(config: Path, roots: dict[str, Path], tmp_path: Path) -> None:
-    root = roots[config.stem[:5]]
+    root = roots[config.stem[:5] + ("_regions" if config.stem.endswith("_regions") else "")]
     cli = MedSegCLI(
         args=[
             "fit", "--config", str(config), "--data.root", str(root), "--trainer.fast_dev_run", "1",
@@ -39,3 +39,5 @@ def test_config_runs_one_step(config: Path, roots: dict[str, Path], tmp_path: Pa
     loss = cli.trainer.callback_metrics["train/loss_step"]
     assert torch.isfinite(loss)
     assert ("val/dice" if data.is_segmentation else "val/acc") in cli.trainer.callback_metrics
+    if data.regions:
+        assert model.hparams.regions == data.regions and "val/dice_region3" in cli.trainer.callback_metrics

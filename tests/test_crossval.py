@@ -71,3 +71,18 @@ def test_cv_refuses_a_multi_process_trainer_before_training(seg2d_root: Path, tm
     assert code == 2
     assert "trains in one process" in capsys.readouterr().err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_held_out_cases_are_predicted_on_the_device_the_fold_trained_on(seg2d_root: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    from medseg.evaluation import crossval
+
+    seen = []
+    real = crossval.predict_batch
+    monkeypatch.setattr(crossval, "predict_batch", lambda *a, **k: seen.append(a[2].device) or real(*a, **k))
+    args = ["cv", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--folds", "2", "--fold", "0", "--data.root",
+            str(seg2d_root), "--data.patch_size", "[32, 32]", "--model.init_args.network_args",
+            '{"channels": [4, 8, 16]}', *FAST, "--output", str(tmp_path / "d")]
+    assert main(args) == 0
+    assert seen == ["cpu"]  # the trainer's device (`--trainer.accelerator cpu`), not a default
+    assert json.loads((tmp_path / "d" / "cv.json").read_text())["device"] == "cpu"

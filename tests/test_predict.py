@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -13,9 +14,16 @@ import torch
 
 from medseg.cli import main
 from medseg.data.datalist import load_dataset
-from medseg.inference.batch import find_cases
-from medseg.inference.ensemble import case_doubt, combine, entropy, member_variance
-from medseg.inference.native import LoadedModel, flip_sets, segmentation_members
+from medseg.data.discovery import find_cases
+from medseg.inference.ensemble import combine
+from medseg.inference.native import LoadedModel, flip_sets
+from medseg.inference.pipeline import group_models, prepare_case, segment
+
+
+def _probabilities(models: list[LoadedModel], image: list[str], flips=((),)) -> np.ndarray:
+    """Mean probabilities ``(K, *S)`` of ``models`` x ``flips`` on the input's grid."""
+    groups = group_models(models)
+    return segment(prepare_case({"id": "c", "image": image}, groups), groups, flips, probabilities=True).probabilities
 
 
 def test_flip_sets_cover_every_combination() -> None:
@@ -41,13 +49,17 @@ def test_combine_mean_and_vote_on_hand_made_maps() -> None:
         combine(members, "median")
 
 
-def test_uncertainty_measures() -> None:
-    uniform = np.full((2, 4), 0.5)
-    certain = np.stack([np.zeros(4), np.ones(4)])
-    assert np.allclose(entropy(uniform), np.log(2)) and np.allclose(entropy(certain), 0, atol=1e-9)
-    assert np.allclose(member_variance([certain, certain]), 0)
-    assert np.allclose(member_variance([certain, 1 - certain]), 0.25)  # values 0 and 1: variance 1/4
-    assert case_doubt(np.array([0.5, 0.1, 0.0]), [np.array([1, 1, 0])]) == pytest.approx(0.3)
+def test_entropy_agrees_with_scipy() -> None:
+    from scipy.stats import entropy as scipy_entropy
+
+    from medseg.inference.outputs import OutputSpec
+
+    p = np.random.default_rng(0).dirichlet([1.0, 2.0, 3.0], size=(5, 4)).transpose(2, 0, 1).astype(np.float32)
+    ours = OutputSpec("softmax", ("a", "b", "c")).entropy(torch.from_numpy(p)).numpy()
+    assert np.allclose(ours, scipy_entropy(p, axis=0), atol=1e-5)
+    q = np.random.default_rng(1).uniform(0.01, 0.99, size=(2, 6)).astype(np.float32)
+    binary = sum(scipy_entropy(np.stack([q[c], 1 - q[c]]), axis=0) for c in range(2))
+    assert np.allclose(OutputSpec("sigmoid", ("a", "b")).entropy(torch.from_numpy(q)).numpy(), binary, atol=1e-5)
 
 
 class Threshold(torch.nn.Module):
@@ -60,10 +72,8 @@ def test_tta_on_a_flip_equivariant_model_equals_no_tta(seg3d_root: Path) -> None
                                       "roi_size": [16, 16, 8], "preprocessing_spec": {"intensity": "mri"}},
                         "segmentation")
     image = load_dataset(seg3d_root).training[0]["image"]
-    plain = segmentation_members(model, image)[0]
-    members = segmentation_members(model, image, flip_sets(3))
-    assert len(members) == 8
-    assert np.allclose(combine(members)[0], plain, atol=1e-5)
+    plain = _probabilities([model], image)
+    assert np.allclose(_probabilities([model], image, flip_sets(3)), plain, atol=1e-5)
 
 
 def _run(*args: str) -> int:
@@ -203,13 +213,6 @@ def test_several_workers_predict_each_case_exactly_once(
     assert sorted(p.name for p in out.glob("*.nii.gz")) == sorted(p.name for p in (seg3d_root / "imagesTr").glob("*.nii.gz"))
 
 
-def test_whole_image_roi_for_2d() -> None:
-    from medseg.inference.native import whole_image_roi
-
-    assert whole_image_roi([100, 37], [64, 48]) == [128, 48]  # steps 64 and 16: 100 -> 128, 37 -> 48 (>= patch)
-    assert whole_image_roi([200, 300], [96, 96]) == [224, 320]  # step 32
-
-
 def test_inputs_the_model_cannot_take_are_refused_with_the_file(seg3d_checkpoint: Path, seg3d_root: Path,
                                                                 seg2d_root: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "mixed"
@@ -230,18 +233,29 @@ def test_ensemble_members_with_different_preprocessing_meet_on_the_input_grid(se
                            "segmentation")
 
     image = load_dataset(seg3d_root).training[0]["image"]
-    native = segmentation_members(member(None), image)[0]
-    coarse = segmentation_members(member([2.0, 2.0, 3.0]), image)[0]
+    native = _probabilities([member(None)], image)
+    coarse = _probabilities([member([2.0, 2.0, 3.0])], image)
     assert native.shape == coarse.shape  # both on the input grid, though one ran on a 2x coarser grid
-    _, labels = combine([native, coarse])
-    assert float(np.mean(labels == native.argmax(0))) > 0.95
+    both = _probabilities([member(None), member([2.0, 2.0, 3.0])], image)
+    assert np.allclose(both, (native + coarse) / 2, atol=1e-5)  # two groups, combined on the input grid
+    assert float(np.mean(both.argmax(0) == native.argmax(0))) > 0.95
 
 
-def test_mixed_precision_is_used_on_cuda_only() -> None:
-    from medseg.inference.native import _autocast
+def test_window_precision_follows_the_checkpoint_on_cuda_and_float32_on_the_cpu() -> None:
+    from medseg.inference.members import autocast_for
+    from medseg.inference.pipeline import window_dtype
 
-    assert isinstance(_autocast("cuda:0"), torch.autocast)
-    assert not isinstance(_autocast("cpu"), torch.autocast)
+    assert window_dtype("auto", "cuda:0", "16-mixed") == torch.float16
+    assert window_dtype("auto", "cuda", "bf16-mixed") == torch.bfloat16
+    assert window_dtype("auto", "cuda", "32-true") is None and window_dtype("auto", "cuda", None) is None
+    assert window_dtype("auto", "cpu", "16-mixed") is None  # fp16 on the CPU is slow: float32 there
+    assert window_dtype("16", "cpu", None) == torch.float16 and window_dtype("32", "cuda", "16-mixed") is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        window_dtype("fp8", "cpu", None)
+    with warnings.catch_warnings():  # "CUDA is not available": the context is only built here, not entered
+        warnings.simplefilter("ignore")
+        assert isinstance(autocast_for("cuda:0", torch.float16)(), torch.autocast)
+    assert not isinstance(autocast_for("cpu", None)(), torch.autocast)
 
 
 def test_probabilities_outside_a_foreground_crop_are_background(tmp_path: Path) -> None:
@@ -253,7 +267,7 @@ def test_probabilities_outside_a_foreground_crop_are_background(tmp_path: Path) 
     model = LoadedModel(Threshold(), {"network": "t", "spatial_dims": 3, "in_channels": 1, "num_classes": 2,
                                       "roi_size": [16, 16, 8],
                                       "preprocessing_spec": {"crop_foreground": True}}, "segmentation")
-    probabilities = segmentation_members(model, str(path))[0]
+    probabilities = _probabilities([model], [str(path)], flip_sets(3))  # TTA: every flip inverts the crop
     assert np.allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
     assert np.array_equal(probabilities.argmax(0), image.astype(np.int64))
 

@@ -11,6 +11,21 @@
       "test": ["imagesTs/b.nii.gz", ...]               # optional; entries may also be {"image": ...}
     }
 
+Region-based segmentation (overlapping targets, e.g. BraTS whole tumour > tumour core > enhancing tumour) is
+declared either with ``"regions"`` beside the usual ``labels``::
+
+      "labels": {"0": "background", "1": "edema", "2": "necrosis", "3": "enhancing"},
+      "regions": {"whole_tumour": [1, 2, 3], "tumour_core": [2, 3], "enhancing_tumour": [3]},
+      "regions_class_order": [1, 2, 3]
+
+or in nnU-Net v2's own form, where ``labels`` maps each region name to its label value(s)::
+
+      "labels": {"background": 0, "whole_tumour": [1, 2, 3], "tumour_core": [2, 3], "enhancing_tumour": 3},
+      "regions_class_order": [1, 2, 3]
+
+``regions_class_order`` gives the label value each region writes when predictions are turned back into one
+label map, applied in order (later regions overwrite earlier ones).
+
 ``image`` may be a list of files (one per channel). For classification ``label`` is an integer class index.
 A CSV with ``image,label[,patient]`` columns describes a classification dataset (paths relative to the CSV).
 
@@ -47,6 +62,8 @@ class DatasetSpec:
         channel_names: one name per input channel.
         training: case dicts of the training list.
         test: case dicts of the optional test list (``label`` is ``None`` when unknown).
+        regions: for region-based segmentation, ``(name, label values)`` of each region, in order.
+        region_order: the label value each region writes when a label map is rebuilt.
     """
 
     source: Path
@@ -55,6 +72,8 @@ class DatasetSpec:
     channel_names: list[str]
     training: list[dict[str, Any]] = field(default_factory=list)
     test: list[dict[str, Any]] = field(default_factory=list)
+    regions: list[tuple[str, tuple[int, ...]]] | None = None
+    region_order: list[int] | None = None
 
     @property
     def root(self) -> Path:
@@ -112,7 +131,7 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     if not isinstance(meta, dict):
         raise DatasetError(f"{source}: expected a JSON object at the top level")
     task = _task(meta.get("task", SEGMENTATION), source)
-    labels = _labels(meta.get("labels"), source)
+    labels, regions, order = _labels_and_regions(meta, source, task)
     channels = _channels(meta.get("channel_names", meta.get("modality", {"0": "image"})), source)
     if "training" not in meta or not isinstance(meta["training"], list):
         raise DatasetError(f"{source}: missing 'training' list")
@@ -120,7 +139,7 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     test = [_case(entry, source, task, i, "test") for i, entry in enumerate(meta.get("test", []) or [])]
     _unique_ids(training, source, "training")
     _unique_ids(test, source, "test")
-    return DatasetSpec(source, task, labels, channels, training, test)
+    return DatasetSpec(source, task, labels, channels, training, test, regions, order)
 
 
 def _task(value: Any, source: Path) -> str:
@@ -141,6 +160,49 @@ def _labels(value: Any, source: Path) -> dict[int, str]:
     if sorted(labels) != list(range(len(labels))):
         raise DatasetError(f"{source}: label indices must be 0..K-1 without gaps, got {sorted(labels)}")
     return dict(sorted(labels.items()))
+
+
+def _labels_and_regions(
+    meta: dict[str, Any], source: Path, task: str
+) -> tuple[dict[int, str], list[tuple[str, tuple[int, ...]]] | None, list[int] | None]:
+    """The label values and, for region-based datasets, the regions and their order (module docstring)."""
+    raw = meta.get("labels")
+    nnunet_form = isinstance(raw, dict) and any(isinstance(v, list) for v in raw.values())
+    if not nnunet_form and meta.get("regions") is None:
+        if meta.get("regions_class_order") is not None:
+            raise DatasetError(f"{source}: 'regions_class_order' without regions")
+        return _labels(raw, source), None, None
+    if task != SEGMENTATION:
+        raise DatasetError(f"{source}: regions are for segmentation datasets")
+    if nnunet_form:
+        if meta.get("regions") is not None:
+            raise DatasetError(f"{source}: declare regions either in 'labels' (nnU-Net v2) or in 'regions', not both")
+        entries = {str(name): value if isinstance(value, list) else [value] for name, value in raw.items()}
+        background = [name for name, values in entries.items() if values == [0]]
+        regions = [(name, values) for name, values in entries.items() if values != [0]]
+        named = {int(values[0]): name for name, values in regions if len(values) == 1 and _is_int(values[0])}
+        used = {int(v) for _, values in regions for v in values if _is_int(v)}
+        labels = {0: background[0] if background else "background"}
+        labels.update({v: named.get(v, f"label{v}") for v in sorted(used)})
+    else:
+        labels = _labels(raw, source)
+        if not isinstance(meta["regions"], dict) or not meta["regions"]:
+            raise DatasetError(f"{source}: 'regions' must map each region name to a list of label values")
+        regions = [(str(name), v if isinstance(v, list) else [v]) for name, v in meta["regions"].items()]
+    checked = []
+    for name, values in regions:
+        if not values or not all(_is_int(v) and int(v) in labels and int(v) > 0 for v in values):
+            raise DatasetError(f"{source}: region {name!r}: {values} must be foreground label values of 'labels' "
+                               f"(declared: {sorted(labels)})")
+        checked.append((name, tuple(int(v) for v in values)))
+    order = meta.get("regions_class_order")
+    if (not isinstance(order, list) or len(order) != len(checked)
+            or not all(_is_int(v) and int(v) in labels and int(v) > 0 for v in order)):
+        raise DatasetError(f"{source}: 'regions_class_order' must give one foreground label value per region "
+                           f"({len(checked)}), the value each region writes into the label map; got {order!r}")
+    if sorted(labels) != list(range(len(labels))):
+        raise DatasetError(f"{source}: label values must be 0..K-1 without gaps, got {sorted(labels)}")
+    return labels, checked, [int(v) for v in order]
 
 
 def _channels(value: Any, source: Path) -> list[str]:

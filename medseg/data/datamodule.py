@@ -137,7 +137,8 @@ class MedSegDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return self.spec.num_classes
+        """Output channels: the classes (background included), or one per region."""
+        return len(self.spec.regions) if self.spec.regions else self.spec.num_classes
 
     @property
     def in_channels(self) -> int:
@@ -145,7 +146,17 @@ class MedSegDataModule(pl.LightningDataModule):
 
     @property
     def label_names(self) -> list[str]:
-        return self.spec.label_names
+        """One name per output channel: class names, or region names."""
+        return [name for name, _ in self.spec.regions] if self.spec.regions else self.spec.label_names
+
+    @property
+    def regions(self) -> list[list[int]] | None:
+        """Region-based datasets: the label values of each region (one output channel each)."""
+        return [list(values) for _, values in self.spec.regions] if self.spec.regions else None
+
+    @property
+    def region_order(self) -> list[int] | None:
+        return list(self.spec.region_order) if self.spec.region_order else None
 
     @property
     def roi_size(self) -> list[int]:

@@ -6,6 +6,10 @@ structure brightest); the image is slightly blurred (partial volume), multiplied
 Gaussian noise. Class contrast is large against the noise, so a small U-Net reaches a high Dice within a couple of
 CPU minutes.
 
+Regions (``regions=True``): three nested ellipsoids per case, labelled 1 (outer shell), 2 (middle) and 3
+(inner core), with rising intensity; ``dataset.json`` declares the overlapping regions ``whole`` {1, 2, 3},
+``core`` {2, 3} and ``inner`` {3} (as BraTS's whole tumour, tumour core and enhancing tumour) and their order.
+
 Classification: case ``i`` has class ``k = i % classes`` and shows ``k + 1`` separate blobs whose radius (from 45%
 to 100% of the largest) and brightness also rise with ``k``: redundant cues (blob size, seen locally; blob count and
 bright volume, seen globally; intensity, for unnormalised inputs) on the same noisy, bias-field-modulated
@@ -35,6 +39,8 @@ _ORIGIN_SHIFT = (5.0, -10.0, 20.0)  # mm, added to a centred origin so it is nev
 _BACKGROUND_LEVEL = 0.25
 _NOISE_SIGMA = 0.04  # relative to the brightest class level (1.0)
 _GAIN = 1000.0  # arbitrary "MRI units"
+_NESTED_NAMES = ("outer", "middle", "inner")
+NESTED_REGIONS = {"whole": [1, 2, 3], "core": [2, 3], "inner": [3]}
 
 
 def synthetic_affine(size: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -71,6 +77,7 @@ def make_synthetic(
     channels: int = 1,
     test_cases: int = 0,
     spacing: Sequence[float] | None = None,
+    regions: bool = False,
 ) -> Path:
     """Write a synthetic dataset (images, labels, ``dataset.json``) under ``out``.
 
@@ -93,6 +100,7 @@ def make_synthetic(
         channels: input channels; each channel maps the classes to intensities differently.
         test_cases: cases written to ``imagesTs`` and listed under ``"test"`` (with their labels).
         spacing: voxel size in mm, default ``(1.0, 1.0, 2.0)`` in 3D and ``(0.8, 0.8)`` in 2D.
+        regions: segmentation with nested structures and overlapping regions (``classes`` is then 4).
 
     Returns:
         Path of the written ``dataset.json``.
@@ -105,6 +113,10 @@ def make_synthetic(
     if task not in TASK_ALIASES:
         raise ValueError(f"make_synthetic: unknown task {task!r}; use 'seg' or 'cls'")
     task = TASK_ALIASES[task]
+    if regions:
+        if task != SEGMENTATION:
+            raise ValueError("make_synthetic: regions are for segmentation")
+        classes = len(_NESTED_NAMES) + 1
     size = tuple(int(s) for s in (size if size is not None else DEFAULT_SIZE[dims]))
     spacing = tuple(float(s) for s in (spacing if spacing is not None else DEFAULT_SPACING[dims]))
     if len(size) != dims or len(spacing) != dims or min(size) < 4 or min(spacing) <= 0:
@@ -121,15 +133,17 @@ def make_synthetic(
     affine = synthetic_affine(size, spacing)
     training = []
     for i in range(cases):
-        entry = _write_case(root, "Tr", i, task, classes, size, spacing, channels, seed, affine)
+        entry = _write_case(root, "Tr", i, task, classes, size, spacing, channels, seed, affine, regions)
         training.append({**entry, "patient": f"p{i // 2:03d}"})
     test = [
-        _write_case(root, "Ts", cases + i, task, classes, size, spacing, channels, seed, affine)
+        _write_case(root, "Ts", cases + i, task, classes, size, spacing, channels, seed, affine, regions)
         for i in range(test_cases)
     ]
     label_names = ["background"] + [f"structure{k}" for k in range(1, classes)]
     if task == CLASSIFICATION:
         label_names = [f"class{k}" for k in range(classes)]
+    if regions:
+        label_names = ["background", *_NESTED_NAMES]
     meta = {
         "name": "synthetic",
         "description": f"medseg synthetic {dims}D {task} phantoms (seed {seed})",
@@ -143,6 +157,9 @@ def make_synthetic(
         "training": training,
         "test": test,
     }
+    if regions:
+        meta["regions"] = dict(NESTED_REGIONS)
+        meta["regions_class_order"] = [1, 2, 3]
     path = root / "dataset.json"
     path.write_text(json.dumps(meta, indent=2) + "\n")
     return path
@@ -159,6 +176,7 @@ def _write_case(
     channels: int,
     seed: int,
     affine: np.ndarray,
+    regions: bool = False,
 ) -> dict[str, Any]:
     """Make and write case ``index`` (its randomness depends only on ``seed`` and ``index``).
 
@@ -167,7 +185,12 @@ def _write_case(
     """
     rng = np.random.default_rng([seed, index])
     name = f"case_{index:03d}"
-    if task == SEGMENTATION:
+    if regions:
+        label_map = _nested(rng, size, spacing)
+        levels = np.array([_BACKGROUND_LEVEL, 0.5, 0.75, 1.0])
+        target = f"labels{split}/{name}.nii.gz"
+        write_nifti(label_map, affine, root / target, dtype=np.uint8)
+    elif task == SEGMENTATION:
         label_map = _place_and_rasterize(rng, size, spacing, _segmentation_radii(size, spacing, classes))
         levels = np.array([_BACKGROUND_LEVEL, *np.linspace(1.0, 0.5, classes - 1)])  # largest is brightest
         target: Any = f"labels{split}/{name}.nii.gz"
@@ -193,6 +216,26 @@ def _segmentation_radii(size: Sequence[int], spacing: Sequence[float], classes: 
     extent = min(n * s for n, s in zip(size, spacing, strict=True))
     fractions = np.linspace(0.18, 0.10, classes - 1) if classes > 2 else np.array([0.18])
     return [float(f * extent) for f in fractions]
+
+
+def _nested(rng: np.random.Generator, size: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """Three nested ellipsoids, labelled 1 (outer) to 3 (inner): ``(X, Y[, Z])`` uint8.
+
+    The outer one's semi-axes are 22-30% of the smallest extent; the middle and inner ones are 60% and 30% of
+    their parent, centred within it with a small random offset, so each stays inside its parent.
+    """
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    extent = np.asarray(size) * spacing_arr
+    axes = np.maximum(0.26 * extent.min() * rng.uniform(0.85, 1.15, size=len(size)), 3 * spacing_arr.max())
+    gap = float(spacing_arr.max())
+    centre = rng.uniform(axes + gap, extent - spacing_arr - axes - gap)
+    blobs = [(centre, axes)]
+    for share in (0.6, 0.5):
+        parent_centre, parent_axes = blobs[-1]
+        child_axes = np.maximum(parent_axes * share, spacing_arr.max())
+        slack = np.maximum(parent_axes - child_axes - gap, 0.0)
+        blobs.append((parent_centre + rng.uniform(-0.3, 0.3, size=len(size)) * slack, child_axes))
+    return _rasterize(size, spacing_arr, blobs)
 
 
 def _classification_radius(size: Sequence[int], spacing: Sequence[float], classes: int, k: int) -> float:

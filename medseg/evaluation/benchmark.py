@@ -75,11 +75,13 @@ def _fold_ensemble_rows(spec: Any, runs: dict[str, dict[str, Any]], output: Path
     rows = []
     for name, run in runs.items():
         folder = output / name / "fold_ensemble_test"
-        predict_batch(list(run["checkpoints"].values()), None, PredictOptions(output=folder / "predictions",
-                      overwrite=True), cases=[{"id": c["id"], "image": c["image"]} for c in test])
+        options = PredictOptions(output=folder / "predictions", overwrite=True, device=run.get("device", "auto"))
+        predict_batch(list(run["checkpoints"].values()), None, options,
+                      cases=[{"id": c["id"], "image": c["image"]} for c in test])
         if spec.task == SEGMENTATION:
+            regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
             summary = evaluate_segmentation(folder / "predictions", {c["id"]: c["label"] for c in test}, folder,
-                                            classes=[k for k in spec.labels if k > 0])
+                                            classes=[k for k in spec.labels if k > 0], regions=regions)
             values = {m: summary["foreground_mean"][m] for m in report.SEG_METRICS}
         else:
             summary = evaluate_classification(folder / "predictions", spec.source, folder)

@@ -47,6 +47,11 @@ def dataset_of(config: str | Path, overrides: list[str]) -> DatasetSpec:
     return load_dataset(root)
 
 
+def predict_device(trainer: Any) -> str:
+    """The device a fold trained on (``cuda:0``, ``cpu``, ...): its held-out cases are predicted there too."""
+    return str(trainer.strategy.root_device)
+
+
 def run_cv(
     config: str | Path,
     output: str | Path,
@@ -75,6 +80,7 @@ def run_cv(
     timing = {"train_seconds": 0.0, "predict_seconds": 0.0, "predicted_cases": 0}
     log_dirs: dict[int, str] = {}
     parameters = 0
+    device = "auto"
     for k in chosen:
         val = fold_of(splits, k)["val"]
         start = time.perf_counter()
@@ -90,8 +96,9 @@ def run_cv(
         # Segmentation writes one file per case, so every fold shares one folder; classification writes one
         # table per run, so each fold has its own, merged below.
         target = output / "predictions" / ("" if spec.task == SEGMENTATION else f"fold_{k}")
+        device = predict_device(cli.trainer)
         predict_batch(
-            [checkpoints[k]], None, PredictOptions(output=target, overwrite=True),
+            [checkpoints[k]], None, PredictOptions(output=target, overwrite=True, device=device),
             cases=[{"id": i, "image": by_id[i]["image"]} for i in val],
         )
         timing["predict_seconds"] += time.perf_counter() - start
@@ -99,6 +106,7 @@ def run_cv(
     result: dict[str, Any] = {
         "config": str(config), "overrides": shlex.join(overrides), "strategy": strategy, "folds": len(splits),
         "checkpoints": checkpoints, "log_dirs": log_dirs, "parameters": parameters, "task": spec.task,
+        "device": device,
         "train_seconds": timing["train_seconds"],
         "predict_seconds_per_case": timing["predict_seconds"] / max(timing["predicted_cases"], 1),
     }
@@ -113,9 +121,11 @@ def run_cv(
 def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str]) -> dict[str, Any]:
     if spec.task == SEGMENTATION:
         classes = [k for k in spec.labels if k > 0]
+        regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
         references = {c["id"]: c["label"] for c in spec.training if c["id"] in held_out}
-        summary = evaluate_segmentation(output / "predictions", references, output, classes=classes)
-        _choose_postprocessing(spec, output, classes, held_out)
+        summary = evaluate_segmentation(output / "predictions", references, output, classes=classes, regions=regions)
+        if not regions:  # post-processing acts on label values; choosing it for regions is not done yet
+            _choose_postprocessing(spec, output, classes, held_out)
         return summary["foreground_mean"]
     rows = []
     for table in sorted((output / "predictions").glob("fold_*/predictions.csv")):

@@ -1,6 +1,8 @@
 """``medseg evaluate`` for segmentation: prediction folder + references -> per_case.csv, summary.csv/json.
 
 Cases present on one side only are reported (in the summary and on the console), never silently dropped.
+A ``dataset.json`` that declares regions (overlapping sets of label values) is scored per region: the ``class``
+column then holds the region's name.
 """
 
 from __future__ import annotations
@@ -16,27 +18,31 @@ from tqdm import tqdm
 
 from medseg.data.datalist import case_id, load_dataset
 from medseg.data.io import atomic_path, is_image_file, read_image, spacing_from_affine, write_csv
-from medseg.metrics.segmentation import METRICS, case_metrics
+from medseg.metrics.segmentation import METRICS, case_metrics, region_metrics
 
 SUMMARY_STATS = ("mean", "std", "median", "n")
 
 
-def reference_cases(truth: str | Path | dict[str, str]) -> tuple[dict[str, str], list[int] | None]:
-    """Reference label files by case id, and the foreground classes if a ``dataset.json`` declares them.
+def reference_cases(
+    truth: str | Path | dict[str, str],
+) -> tuple[dict[str, str], list[int] | None, dict[str, list[int]] | None]:
+    """Reference label files by case id, and what a ``dataset.json`` declares: its foreground classes, and its
+    regions (name -> label values) when it has any.
 
     Args:
         truth: a folder of label files, a ``dataset.json`` (its labelled ``test`` cases, else ``training``),
             or already a mapping ``case id -> label file``.
     """
     if isinstance(truth, dict):
-        return dict(truth), None
+        return dict(truth), None, None
     truth = Path(truth)
     if truth.is_file() or (truth / "dataset.json").is_file():
         spec = load_dataset(truth)
         cases = [c for c in spec.test if c["label"]] or spec.training
-        return {c["id"]: c["label"] for c in cases}, [k for k in spec.labels if k > 0]
+        regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
+        return {c["id"]: c["label"] for c in cases}, [k for k in spec.labels if k > 0], regions
     files = sorted(p for p in truth.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
-    return {case_id(p): str(p) for p in files}, None
+    return {case_id(p): str(p) for p in files}, None, None
 
 
 def evaluate_segmentation(
@@ -46,17 +52,20 @@ def evaluate_segmentation(
     nsd_tolerance_mm: float = 1.0,
     empty_distance: float = float("nan"),
     classes: list[int] | None = None,
+    regions: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Score every prediction ``<pred>/<case>.nii.gz`` against its reference; write the tables.
 
-    ``classes`` (foreground label values) overrides what the references declare or contain.
+    ``classes`` (foreground label values) overrides what the references declare or contain; ``regions``
+    (name -> label values; default: what a ``dataset.json`` declares) scores regions instead of classes.
 
     Returns:
         The summary dict written to ``summary.json``.
     """
     pred, output = Path(pred), Path(output)
-    references, declared = reference_cases(truth)
+    references, declared, declared_regions = reference_cases(truth)
     classes = classes or declared
+    regions = regions or declared_regions
     predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
     matched = sorted(set(references) & set(predictions))
     rows: list[dict[str, Any]] = []
@@ -66,9 +75,13 @@ def evaluate_segmentation(
         if prediction.shape != reference.shape or not np.allclose(pred_affine, affine, atol=1e-3):
             raise ValueError(f"{predictions[case]}: grid {prediction.shape} does not match the reference "
                              f"{references[case]} {reference.shape} (shape or affine)")
-        found = classes or sorted(int(v) for v in np.unique(np.concatenate([np.unique(reference), np.unique(prediction)])) if v > 0)
         spacing = spacing_from_affine(affine, reference.ndim)
-        scores = case_metrics(prediction.round(), reference.round(), spacing, found, nsd_tolerance_mm, empty_distance)
+        if regions:
+            scores: dict[Any, dict[str, float]] = region_metrics(
+                prediction.round(), reference.round(), spacing, regions, nsd_tolerance_mm, empty_distance)
+        else:
+            found = classes or sorted(int(v) for v in np.unique(np.concatenate([np.unique(reference), np.unique(prediction)])) if v > 0)
+            scores = case_metrics(prediction.round(), reference.round(), spacing, found, nsd_tolerance_mm, empty_distance)
         rows += [{"case": case, "class": c, **values} for c, values in scores.items()]
     summary = summarize(rows)
     summary["cases"] = len(matched)
@@ -87,7 +100,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean, std, median and count (NaN ignored) of each metric per class, and the foreground mean
     (the mean over classes of the per-class means)."""
     per_class: dict[str, Any] = {}
-    for c in sorted({r["class"] for r in rows}):
+    names = list(dict.fromkeys(r["class"] for r in rows))  # regions: in their declared order
+    for c in sorted(names) if all(isinstance(c, int) for c in names) else names:
         per_class[str(c)] = {m: _stats([r[m] for r in rows if r["class"] == c]) for m in METRICS}
     foreground = {
         m: float(np.nanmean([v[m]["mean"] for v in per_class.values()])) if per_class else float("nan")

@@ -1,6 +1,6 @@
-"""Combining members (models x test-time flips) in native space, and how much they doubt.
+"""Combining a stack of members (models x test-time flips): classification, where members are tiny.
 
-Pure array functions: a member is a probability map ``(K, *spatial)`` on the input image's grid.
+Segmentation never stacks members; it accumulates them (:mod:`medseg.inference.members`).
 """
 
 from __future__ import annotations
@@ -38,26 +38,3 @@ def combine(members: Sequence[np.ndarray], mode: str = "mean") -> tuple[np.ndarr
     votes = np.stack([(stack.argmax(axis=1) == c).sum(axis=0) for c in range(k)])  # (K, *spatial)
     # Ties: add the mean probability (< 1) so it only decides between equal vote counts.
     return mean, (votes + mean).argmax(axis=0)
-
-
-def entropy(probabilities: np.ndarray) -> np.ndarray:
-    """Voxelwise predictive entropy (nats) of ``(K, *spatial)`` probabilities; 0 = certain, log K = uniform."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
-    return (-(p * np.log(p)).sum(axis=0)).astype(np.float32)
-
-
-def member_variance(members: Sequence[np.ndarray]) -> np.ndarray:
-    """Voxelwise variance across members, averaged over classes: ``(*spatial)``; 0 when members agree."""
-    stack = np.stack([np.asarray(m, dtype=np.float32) for m in members])
-    return stack.var(axis=0).mean(axis=0)
-
-
-def case_doubt(entropy_map: np.ndarray, members_labels: Sequence[np.ndarray]) -> float:
-    """One doubt score per case: mean entropy over the voxels any member calls foreground (0 if none).
-
-    Background far from any structure is certain and would dilute the score, so it is left out.
-    """
-    region = np.zeros(entropy_map.shape, dtype=bool)
-    for labels in members_labels:
-        region |= np.asarray(labels) > 0
-    return float(entropy_map[region].mean()) if region.any() else 0.0

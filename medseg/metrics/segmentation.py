@@ -21,7 +21,7 @@ volume_diff_ml          0.0                       predicted minus reference volu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -106,4 +106,21 @@ def case_metrics(
     return {
         int(c): binary_metrics(prediction == c, reference == c, spacing, nsd_tolerance_mm, empty_distance)
         for c in classes
+    }
+
+
+def region_metrics(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    spacing: Sequence[float],
+    regions: Mapping[str, Sequence[int]],
+    nsd_tolerance_mm: float = 1.0,
+    empty_distance: float = float("nan"),
+) -> dict[str, dict[str, float]]:
+    """Metrics of one case for every region (a set of label values, e.g. a tumour core {2, 3}):
+    ``{region name: {metric: value}}``, the mask of a region being ``label in values`` on both sides."""
+    return {
+        str(name): binary_metrics(np.isin(prediction, list(values)), np.isin(reference, list(values)), spacing,
+                                  nsd_tolerance_mm, empty_distance)
+        for name, values in regions.items()
     }

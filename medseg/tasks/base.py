@@ -88,13 +88,17 @@ class MedSegModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on a batch: image ``(B, C, ...)``, label ``(B, 1, ...)`` label map or ``(B,)`` class index."""
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
-        loss = self.loss_fn(self(image).float(), label)  # in float32 under mixed precision
+        loss = self.loss_fn(self(image).float(), self.training_targets(label))  # in float32 under mixed precision
         # The step value is this process's (for the progress bar and the step log); only the epoch mean is
         # synced across DDP processes, once an epoch, so the training step carries no extra all-reduce.
         self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/loss_epoch", loss.detach(), on_step=False, on_epoch=True, batch_size=image.shape[0],
                  sync_dist=True)
         return loss
+
+    def training_targets(self, label: torch.Tensor) -> torch.Tensor:
+        """What the loss compares the logits with: the labels as loaded (subclasses may derive targets)."""
+        return label
 
     def _log_eval_loss(self, stage: str, loss: torch.Tensor, batch_size: int) -> None:
         """Log ``stage/loss``, the mean over all cases of all processes, weighted by batch size."""
@@ -104,6 +108,8 @@ class MedSegModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medseg_task"] = self.TASK  # read by medseg.inference.native.load_model
+        if self._trainer is not None:  # `medseg predict --precision auto` predicts at the precision trained at
+            checkpoint["medseg_precision"] = str(self.trainer.precision)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -123,7 +129,8 @@ def channels_last_format(spatial_dims: int) -> torch.memory_format:
 
 
 # What must be equal for a checkpoint to continue this model: the network and what its shape depends on.
-MUST_MATCH = ("network", "network_args", "spatial_dims", "in_channels", "num_classes", "label_names")
+MUST_MATCH = ("network", "network_args", "spatial_dims", "in_channels", "num_classes", "label_names", "regions",
+              "region_order")
 
 
 def resume_mismatches(checkpoint: dict[str, Any], task: str, hparams: dict[str, Any]) -> list[str]:

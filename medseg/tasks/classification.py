@@ -22,6 +22,8 @@ class ClassificationModule(MedSegModule):
         in_channels: input channels (linked from the data).
         num_classes: number of classes (linked from the data).
         label_names: class names, index order (linked from the data; saved for prediction).
+        regions, region_order: linked from the data for every model; regions are for segmentation, so
+            anything but ``None`` is refused.
         loss: loss name (``ce``, ``focal``, ``bce``).
         loss_args: loss options (class_weights, gamma, ...).
         optimizer: optimiser factory, ``class_path``/``init_args`` in YAML.
@@ -47,6 +49,8 @@ class ClassificationModule(MedSegModule):
         in_channels: int = 1,
         num_classes: int = 2,
         label_names: list[str] | None = None,
+        regions: list[list[int]] | None = None,
+        region_order: list[int] | None = None,
         loss: str = "ce",
         loss_args: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -60,7 +64,9 @@ class ClassificationModule(MedSegModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=list(NOT_SAVED))
+        if regions or region_order:
+            raise ValueError("regions are for segmentation; a classification dataset cannot declare them")
+        self.save_hyperparameters(ignore=list(NOT_SAVED + ("regions", "region_order")))
         self._build(
             network, network_args, spatial_dims, in_channels, num_classes, loss, loss_args,
             optimizer, scheduler, pretrained, freeze_encoder,

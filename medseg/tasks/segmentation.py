@@ -1,15 +1,20 @@
-"""SegmentationModule: random-patch training, whole-volume sliding-window validation, Dice per class."""
+"""SegmentationModule: random-patch training, whole-volume sliding-window validation, Dice per class or region."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import copy
+
 import torch
-from monai.metrics import DiceMetric
-from monai.networks.utils import one_hot
+from monai.metrics import compute_dice
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
-from medseg.inference.predictor import labels_from_logits, sliding_window_logits
+from medseg.errors import ConfigError
+from medseg.inference.members import Layout, MemberWindows
+from medseg.inference.outputs import OutputSpec
+from medseg.inference.window import Window, stitch
+from medseg.losses import loss_activation
 from medseg.tasks.base import NOT_SAVED, MedSegModule
 
 
@@ -22,7 +27,11 @@ class SegmentationModule(MedSegModule):
         spatial_dims: 2 or 3 (linked from the data in the CLI).
         in_channels: input channels (linked from the data).
         num_classes: output classes including background (linked from the data).
-        label_names: class names, index order (linked from the data; saved for prediction).
+        label_names: class names, index order (linked from the data; saved for prediction); for a region
+            dataset, the region names.
+        regions: region-based training (linked from the data's ``regions``): the label values of each region,
+            one output channel each, trained with a sigmoid loss on region targets.
+        region_order: the label value each region writes when a label map is rebuilt, in order.
         loss: loss name (``medseg.losses.list_losses()``).
         loss_args: loss options (activation, class_weights, ...).
         optimizer: optimiser factory, ``class_path``/``init_args`` in YAML.
@@ -48,6 +57,8 @@ class SegmentationModule(MedSegModule):
         in_channels: int = 1,
         num_classes: int = 2,
         label_names: list[str] | None = None,
+        regions: list[list[int]] | None = None,
+        region_order: list[int] | None = None,
         loss: str = "dice_ce",
         loss_args: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -70,9 +81,12 @@ class SegmentationModule(MedSegModule):
         )
         self.roi_size = list(roi_size or ([96, 96] if spatial_dims == 2 else [64, 64, 32]))
         self.hparams.roi_size = self.roi_size  # the checkpoint holds the roi prediction will use
-        # Per case and class; a class absent from a case's reference is NaN there (MONAI's ignore_empty) and
-        # left out of that class's mean, so a prediction in such a case does not count against the model.
-        self.dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        self.outputs = _output_spec(num_classes, label_names, regions, region_order, loss, loss_args)
+        self.window = Window.from_hparams(self.hparams)
+        # Dice per case and scored structure (NaN where the structure is absent from the case's reference:
+        # MONAI's ignore_empty, left out of that structure's mean), gathered on the CPU over an epoch.
+        self._dice_rows: list[torch.Tensor] = []
+        self._cpu_loss: torch.nn.Module | None = None
 
     def on_fit_start(self) -> None:
         """Fail before training, with a readable message, when the patch does not suit the network."""
@@ -89,35 +103,53 @@ class SegmentationModule(MedSegModule):
         finally:
             self.net.train(was_training)
 
-    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-image logits ``(B, K, *spatial)`` by sliding window (the shared inference path)."""
-        return sliding_window_logits(
-            self, image, self.roi_size, sw_batch_size=self.hparams.sw_batch_size, overlap=self.hparams.overlap
-        )
+    def predict_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Whole-image probabilities ``(B, P, *spatial)`` by sliding window: the path ``medseg predict`` takes
+        (same window, blending and activation), on the GPU or, when the stitched maps would not fit, the CPU."""
+        layout = Layout(self.outputs.channels)
+        predictor = MemberWindows([self], [()], self.outputs, layout)
+        return stitch(predictor, image, self.window, layout.size, window_device=self.device)
+
+    def training_targets(self, label: torch.Tensor) -> torch.Tensor:
+        """The loss target: the label map ``(B, 1, ...)``, or for regions their masks ``(B, R, ...)``."""
+        if not self.outputs.regions:
+            return label
+        return torch.stack([self.outputs.masks(case[0]) for case in label]).float()
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         image = torch.as_tensor(batch["image"])
         label = torch.as_tensor(batch["label"]).long()
-        logits = self.predict_logits(image)
-        loss = self.loss_fn(logits.float(), label)  # in float32 under mixed precision
-        self._log_eval_loss(stage, loss, image.shape[0])
-        k = self.hparams.num_classes
-        self.dice(one_hot(labels_from_logits(logits), k), one_hot(label, k))
+        probabilities = self.predict_probabilities(image)
+        label = label.to(probabilities.device)
+        loss_fn = self.loss_fn if probabilities.device == self.device else self._loss_on_cpu()
+        loss = loss_fn(self.outputs.logits_for_loss(probabilities), self.training_targets(label))
+        self._log_eval_loss(stage, loss.to(self.device), image.shape[0])
+        predicted = torch.stack([self.outputs.masks(self.outputs.decode(p)) for p in probabilities])
+        reference = torch.stack([self.outputs.masks(case[0].to(torch.int16)) for case in label])
+        self._dice_rows.append(compute_dice(predicted, reference, include_background=True, ignore_empty=True).cpu())
         return loss
+
+    def _loss_on_cpu(self) -> torch.nn.Module:
+        """The loss, on the CPU, for volumes whose stitched probabilities did not fit on the GPU."""
+        if self._cpu_loss is None:
+            self._cpu_loss = copy.deepcopy(self.loss_fn).cpu()
+        return self._cpu_loss
 
     def _log_dice(self, stage: str) -> None:
         """Log the Dice of all cases of all processes: each process sums its cases, the sums are added up
         across processes (every case is on exactly one, see medseg.data.sampling), and every process logs
         the same value, so the best checkpoint is the same everywhere."""
-        sums, counts = dice_sums(torch.as_tensor(self.dice.aggregate(), device=self.device))
-        self.dice.reset()
+        width = len(self.outputs.structures)
+        rows = torch.cat(self._dice_rows) if self._dice_rows else torch.empty(0, width)
+        self._dice_rows = []
+        sums, counts = dice_sums(rows.to(self.device))
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        per_class = (sums / counts).float()  # NaN where a class is absent from every case
+        per_structure = (sums / counts).float()  # NaN where a structure is absent from every case
         # sync_dist averages values that are already equal on every process (Lightning asks for it).
-        self.log(f"{stage}/dice", torch.nanmean(per_class), prog_bar=True, sync_dist=True)
-        for index, value in enumerate(per_class, start=1):
-            self.log(f"{stage}/dice_class{index}", value, sync_dist=True)
+        self.log(f"{stage}/dice", torch.nanmean(per_structure), prog_bar=True, sync_dist=True)
+        for suffix, value in zip(self.outputs.metric_suffixes, per_structure, strict=True):
+            self.log(f"{stage}/dice_{suffix}", value, sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, "val")
@@ -130,6 +162,27 @@ class SegmentationModule(MedSegModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_dice("test")
+
+
+def _output_spec(
+    num_classes: int, label_names: list[str] | None, regions: list[list[int]] | None,
+    region_order: list[int] | None, loss: str, loss_args: dict[str, Any] | None,
+) -> OutputSpec:
+    """The module's output spec; region models are refused with a softmax loss or a loss without channel 0."""
+    names = tuple(label_names or [str(i) for i in range(num_classes)])
+    if not regions:
+        return OutputSpec(loss_activation(loss, loss_args), names)
+    if len(regions) != num_classes or not region_order or len(region_order) != len(regions):
+        raise ConfigError(f"{len(regions)} regions need num_classes={len(regions)} outputs and as many "
+                          f"region_order values, got num_classes={num_classes}, region_order={region_order}")
+    if loss_activation(loss, loss_args) != "sigmoid":
+        raise ConfigError(f"regions overlap, so they need a sigmoid loss: loss {loss!r} is softmax; use dice_bce "
+                          "or bce (configs/seg3d_unet_regions.yaml)")
+    if (loss_args or {}).get("include_background") is False:
+        raise ConfigError("with regions every output channel is a region: loss_args.include_background must be "
+                          "true (false would drop the first region from the Dice loss)")
+    return OutputSpec("sigmoid", names, tuple(tuple(int(v) for v in r) for r in regions),
+                      tuple(int(v) for v in region_order))
 
 
 def dice_sums(per_case: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,121 @@
+"""Ensemble members on a window: every (model, test-time flip) pair of a group, accumulated in place.
+
+A member is one network under one flip. :class:`MemberWindows` is the callable handed to the sliding window:
+for a batch of windows it runs each member, flips its probabilities back and folds them into running
+statistics, so the memory of a window batch and of the stitched maps does not grow with the number of members
+(nnU-Net mirrors each patch in the same way). What is kept per voxel is set by a :class:`Layout`:
+
+* the mean probability of every channel (always), by Welford's update ``mean += (p - mean) / n``;
+* the sum over channels of the squared deviations from that mean (``M2``, Welford), with ``--save-uncertainty``
+  and several members: the member variance averaged over channels is ``M2 / (n * channels)``;
+* each channel's vote count (``--ensemble vote``): a member votes for its argmax class, or for each region it
+  calls;
+* whether any member calls the voxel foreground (``--save-uncertainty``: where the doubt score is averaged).
+
+The windows are blended by the sliding window afterwards. So ``M2``, votes and the foreground flag are exact
+where one window covers a voxel and a blend of the windows' values where windows overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from medseg.inference.outputs import OutputSpec
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The packed per-voxel statistics of a group of members: ``[mean (P) | M2 (1) | votes (P) | any fg (1)]``,
+    the optional parts present only when asked for."""
+
+    classes: int
+    variance: bool = False
+    votes: bool = False
+    foreground: bool = False
+
+    @property
+    def mean(self) -> slice:
+        return slice(0, self.classes)
+
+    @property
+    def m2(self) -> int | None:
+        return self.classes if self.variance else None
+
+    @property
+    def vote(self) -> slice | None:
+        start = self.classes + self.variance
+        return slice(start, start + self.classes) if self.votes else None
+
+    @property
+    def any_foreground(self) -> int | None:
+        return self.classes * (1 + self.votes) + self.variance if self.foreground else None
+
+    @property
+    def size(self) -> int:
+        return self.classes * (1 + self.votes) + self.variance + self.foreground
+
+
+def autocast_for(device: str | torch.device, dtype: torch.dtype | None) -> Callable[[], Any]:
+    """A factory of the autocast context for windows on ``device`` (none when ``dtype`` is ``None``/float32)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext
+    kind = torch.device(device).type
+    return lambda: torch.autocast(kind, dtype=dtype)
+
+
+class MemberWindows:
+    """``(N, C, *roi)`` windows -> ``(N, layout.size, *roi)`` float32 statistics of every member.
+
+    Args:
+        nets: the group's networks (callables returning logits ``(N, P, *roi)``), on the windows' device.
+        flips: test-time flips, each a tuple of spatial axes (``()`` = no flip).
+        outputs: how logits become probabilities and votes.
+        layout: which statistics to keep.
+        autocast: factory of the precision context each forward pass runs in.
+    """
+
+    def __init__(
+        self,
+        nets: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+        flips: Sequence[tuple[int, ...]],
+        outputs: OutputSpec,
+        layout: Layout,
+        autocast: Callable[[], Any] = contextlib.nullcontext,
+    ) -> None:
+        if not nets or not flips:
+            raise ValueError("an ensemble needs at least one network and one flip")
+        self.nets, self.flips, self.outputs, self.layout, self.autocast = list(nets), list(flips), outputs, layout, autocast
+
+    @property
+    def members(self) -> int:
+        return len(self.nets) * len(self.flips)
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
+        out = torch.zeros((window.shape[0], layout.size, *window.shape[2:]), dtype=torch.float32, device=window.device)
+        mean = out[:, layout.mean]
+        count = 0
+        for net in self.nets:
+            for flip in self.flips:
+                dims = [axis + 2 for axis in flip]
+                with self.autocast():
+                    logits = net(torch.flip(window, dims) if dims else window)
+                p = self.outputs.activate(logits)
+                if dims:
+                    p = torch.flip(p, dims)
+                count += 1
+                delta = p - mean
+                mean += delta / count
+                if layout.m2 is not None:
+                    out[:, layout.m2] += (delta * (p - mean)).sum(dim=1)
+                if layout.vote is not None:
+                    out[:, layout.vote] += self.outputs.votes(p)
+                if layout.any_foreground is not None:
+                    index = layout.any_foreground
+                    out[:, index] = torch.maximum(out[:, index], self.outputs.foreground(p)[:, 0])
+        return out

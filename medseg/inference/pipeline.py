@@ -1,0 +1,179 @@
+"""The per-case pipeline: preprocess -> window -> TTA -> invert -> accumulate.
+
+Models are grouped by what they share: models with the same preprocessing spec and window (the folds of one
+config) form one group. A case is read and preprocessed once per preprocessing spec (:func:`prepare_case`,
+which ``medseg predict`` runs in a background thread for the next case). Each group then runs all of its members
+(models x test-time flips) on every window in one sliding-window pass on the preprocessed grid, keeping running
+statistics there (:mod:`medseg.inference.members`); the stitched statistics are inverted to the input's grid
+once per group, one channel at a time, and combined with the other groups'
+(:mod:`medseg.inference.accumulate`). Peak memory is therefore set by the image and the number of classes,
+not by the number of members.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.data import MetaTensor
+
+from medseg.data.io import read_header
+from medseg.inference.accumulate import CaseMaps, NativeAccumulator
+from medseg.inference.members import Layout, MemberWindows, autocast_for
+from medseg.inference.native import LoadedModel, check_input, preprocess_for
+from medseg.inference.window import stitch
+
+PRECISIONS = ("auto", "32", "16", "bf16")
+_TRAINED_AT = {"16-mixed": torch.float16, "16": torch.float16, "16-true": torch.float16,
+               "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16}
+
+
+@dataclass
+class ModelGroup:
+    """Models that preprocess alike and share a window: one input, one sliding-window pass, one inversion.
+
+    ``preprocess`` runs forward in the reader thread and inverts in the main thread. MONAI inverts only with the
+    transform instances that ran forward; these transforms are deterministic and keep no per-call state.
+    """
+
+    models: list[LoadedModel]
+    preprocess: mt.Compose
+
+    @property
+    def key(self) -> str:
+        return self.models[0].preprocessing_key
+
+
+def group_models(models: Sequence[LoadedModel]) -> list[ModelGroup]:
+    """Group ``models`` by preprocessing spec and (segmentation) window, keeping their order."""
+    groups: dict[tuple[str, Any], ModelGroup] = {}
+    for model in models:
+        window = model.window if model.task == "segmentation" else None
+        key = (model.preprocessing_key, window, model.precision)
+        if key not in groups:
+            groups[key] = ModelGroup([], preprocess_for(model))
+        groups[key].models.append(model)
+    return list(groups.values())
+
+
+@dataclass
+class PreparedCase:
+    """A case read and preprocessed: ``inputs`` holds the ``(C, *grid)`` image of each preprocessing key."""
+
+    case: dict[str, Any]
+    affine: np.ndarray
+    inputs: dict[str, Any]
+
+
+def prepare_case(case: dict[str, Any], groups: Sequence[ModelGroup]) -> PreparedCase:
+    """Read and preprocess a case (``{"id", "image": [files]}``) once for every preprocessing spec.
+
+    Raises:
+        ImageReadError / ValueError: naming the file (unreadable, or an input the models cannot take).
+    """
+    _, affine = read_header(case["image"][0])
+    image = case["image"] if len(case["image"]) > 1 else case["image"][0]
+    inputs: dict[str, Any] = {}
+    for group in groups:
+        if group.key not in inputs:
+            x = group.preprocess({"image": image})["image"]
+            check_input(group.models[0], x, case["image"])
+            inputs[group.key] = x
+    return PreparedCase(case, affine, inputs)
+
+
+def window_dtype(precision: str, device: str | torch.device, trained_at: str | None) -> torch.dtype | None:
+    """The autocast dtype of the windows (``None``: float32).
+
+    ``auto`` runs a model at the precision it was trained and validated at (its checkpoint's trainer
+    precision, e.g. ``16-mixed``) on a GPU, and in float32 on the CPU; ``32``, ``16`` and ``bf16`` force one.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return _TRAINED_AT.get(str(trained_at)) if torch.device(device).type == "cuda" else None
+    return {"32": None, "16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+@torch.no_grad()
+def segment(
+    prepared: PreparedCase,
+    groups: Sequence[ModelGroup],
+    flips: Sequence[tuple[int, ...]] = ((),),
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    ensemble: str = "mean",
+    probabilities: bool = False,
+    uncertainty: bool = False,
+) -> CaseMaps:
+    """Every member of every group on one case, combined on the input's grid.
+
+    Args:
+        prepared: the case from :func:`prepare_case` with these groups.
+        groups: the models (their networks already on ``device``).
+        flips: test-time flips (``()`` = none).
+        device: where the windows run.
+        precision: see :func:`window_dtype`.
+        ensemble: ``"mean"`` (argmax of the mean probability) or ``"vote"``.
+        probabilities: keep the mean probabilities for writing.
+        uncertainty: compute entropy, member variance and the case's doubt score.
+    """
+    if ensemble not in ("mean", "vote"):
+        raise ValueError(f"unknown ensemble mode {ensemble!r}; valid: ['mean', 'vote']")
+    outputs = groups[0].models[0].outputs
+    members = sum(len(g.models) for g in groups) * len(flips)
+    layout = Layout(outputs.channels, variance=uncertainty and members > 1, votes=ensemble == "vote",
+                    foreground=uncertainty)
+    accumulator = NativeAccumulator(layout, outputs)
+    for group in groups:
+        x = prepared.inputs[group.key]
+        first = group.models[0]
+        autocast = autocast_for(device, window_dtype(precision, device, first.precision))
+        predictor = MemberWindows([m.net for m in group.models], flips, outputs, layout, autocast)
+        stitched = stitch(predictor, x.as_tensor()[None], first.window, layout.size, window_device=device)[0]
+        stitched = stitched.cpu()
+        accumulator.add_group(lambda c: invert_channel(stitched[c], x, group.preprocess), predictor.members)  # noqa: B023
+        del stitched
+    return accumulator.finish(probabilities=probabilities, uncertainty=uncertainty)
+
+
+def invert_channel(values: torch.Tensor, reference: Any, preprocess: mt.Compose) -> np.ndarray:
+    """Map one channel ``(*grid)`` on the preprocessed grid back to the input file's grid ``(*S)``.
+
+    The channel takes the reference image's metadata and applied operations, and the preprocessing is
+    inverted with the image's interpolation (linear: these are probabilities), as MONAI's ``Invertd`` does.
+    """
+    if not reference.applied_operations:  # nothing to undo (no reorientation, resampling or cropping)
+        return np.asarray(values.numpy(), dtype=np.float32)
+    channel = MetaTensor(values[None], meta=dict(reference.meta))
+    # A deep copy: inverting pops and edits the recorded operations (a crop's padding info), and every channel
+    # (and every group sharing this input) inverts from the same record.
+    channel.applied_operations = copy.deepcopy(reference.applied_operations)
+    inverted = preprocess.inverse({"image": channel})["image"]
+    return np.asarray(inverted[0].detach().cpu().numpy(), dtype=np.float32)
+
+
+@torch.no_grad()
+def classify(
+    prepared: PreparedCase,
+    groups: Sequence[ModelGroup],
+    flips: Sequence[tuple[int, ...]] = ((),),
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+) -> list[np.ndarray]:
+    """Class probabilities ``(K,)`` of one case, one array per member (model x flip)."""
+    members = []
+    for group in groups:
+        x = prepared.inputs[group.key].as_tensor()[None].to(device)
+        for model in group.models:
+            autocast = autocast_for(device, window_dtype(precision, device, model.precision))
+            for flip in flips:
+                with autocast():
+                    logits = model.net(torch.flip(x, [a + 2 for a in flip]) if flip else x)
+                members.append(torch.softmax(logits.float(), dim=1)[0].cpu().numpy())
+    return members
