@@ -56,6 +56,8 @@ def test_one_group_equals_stacking_every_member() -> None:
     ours = SOFTMAX3.decode_votes(votes, torch.from_numpy(stats[layout.mean]), members=16).numpy()
     assert np.array_equal(ours, combine(list(stack), "vote")[1])
     assert np.array_equal(stats[layout.any_foreground] > 0, (stack.argmax(axis=1) > 0).any(axis=0))
+    plain = _whole_image(nets, flips, Layout(3), x).numpy()  # no M2 kept: the mean is a sum divided once
+    assert plain.shape == (3, *x.shape[2:]) and np.allclose(plain, stack.mean(axis=0), atol=1e-6)
 
 
 def test_groups_combine_like_one_stack() -> None:

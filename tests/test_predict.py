@@ -138,6 +138,8 @@ def test_the_output_folder_inside_the_input_is_not_read_back(seg3d_checkpoint: P
     out = folder / "preds"
     assert _run("--ckpt", str(seg3d_checkpoint), "--input", str(folder), "--output", str(out)) == 0
     assert len(find_cases(folder, 1, exclude=out)) == 6  # the 6 predictions are not new cases
+    with pytest.raises(ValueError, match="the output folder is the input folder"):
+        find_cases(folder, 1, exclude=folder)
 
 
 def test_bad_checkpoints_and_options_stop_before_any_case(seg3d_checkpoint: Path, cls2d_checkpoint: Path,

@@ -135,3 +135,22 @@ def test_a_table_drops_a_torn_last_line_and_keeps_the_last_row_of_a_case(tmp_pat
     rows = table.rows()
     assert rows[-1] == {"case": "d", "doubt": "0.5", "members": "2", "extra": "x"} and rows[0]["extra"] == ""
     assert [r["case"] for r in rows] == ["a", "b", "d"]
+
+
+def test_background_reading_and_writing_give_the_same_files(seg3d_checkpoint: Path, seg3d_root: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's three-thread path, run on the CPU: the next case is read in its own thread, the files match."""
+    import threading
+
+    from medseg.inference import batch
+
+    images = str(seg3d_root / "imagesTr")
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", images, "--output", str(tmp_path / "in_turn")) == 0
+    readers = []
+    real = batch.prepare_case
+    monkeypatch.setattr(batch, "prepare_case", lambda *a: readers.append(threading.current_thread().name) or real(*a))
+    monkeypatch.setattr(batch, "background_stages", lambda device: True)
+    assert _run("--ckpt", str(seg3d_checkpoint), "--input", images, "--output", str(tmp_path / "background")) == 0
+    assert len(readers) == 6 and all(name.startswith("medseg-read") for name in readers)
+    for path in (tmp_path / "in_turn").glob("*.nii.gz"):
+        assert path.read_bytes() == (tmp_path / "background" / path.name).read_bytes()

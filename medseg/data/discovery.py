@@ -36,6 +36,9 @@ def find_cases(source: str | Path, in_channels: int, exclude: Path | None = None
         spec = load_dataset(source)
         cases = [{"id": c["id"], "image": list(c["image"])} for c in (spec.test or spec.training)]
     elif source.is_dir():
+        if exclude is not None and exclude.resolve() == source.resolve():
+            raise ValueError(f"{source}: the output folder is the input folder; give another --output, so "
+                             "predictions are never mixed with (or read back as) input images")
         cases = _folder_cases(source, in_channels, exclude.resolve() if exclude else None)
     else:
         raise FileNotFoundError(f"{source}: no such folder or dataset description")

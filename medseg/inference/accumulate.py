@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medseg.arrays import slabs
 from medseg.inference.members import Layout
-from medseg.inference.outputs import OutputSpec, slabs
+from medseg.inference.outputs import OutputSpec
 
 _MISSING = 1e-4  # probability mass below which nothing is "missing" (float rounding of a sum of 1)
 
@@ -51,18 +52,26 @@ class NativeAccumulator:
         self.values: np.ndarray | None = None
         self.members = 0
 
-    def add_group(self, channel: Callable[[int], np.ndarray], members: int) -> None:
+    def add_group(self, channel: Callable[[int], np.ndarray], members: int, spare: np.ndarray | None = None) -> None:
         """Fold in one group's statistics.
 
         Args:
             channel: ``channel(c)`` gives the group's channel ``c`` of the layout on the input grid ``(*S)``;
                 it is called once per channel, in layout order, so only one channel exists at a time.
             members: the group's number of members.
+            spare: the group's stitched statistics ``(layout.size, *grid)``, which ``channel`` reads. When they
+                come first and their grid has the input's shape (reorientation by flips, no resampling or
+                cropping), they become the accumulator: slot ``c`` is overwritten only after ``channel(c)``
+                has read it, so no second full-size array is made.
         """
         layout = self.layout
         if self.values is None:
             first = channel(0)
-            self.values = np.empty((layout.size, *first.shape), dtype=np.float32)
+            if (spare is not None and spare.dtype == np.float32 and spare.flags.c_contiguous
+                    and spare.shape == (layout.size, *first.shape)):
+                self.values = spare
+            else:
+                self.values = np.empty((layout.size, *first.shape), dtype=np.float32)
             self.values[0] = first
             del first
             for c in range(1, layout.size):

@@ -5,7 +5,8 @@ for a batch of windows it runs each member, flips its probabilities back and fol
 statistics, so the memory of a window batch and of the stitched maps does not grow with the number of members
 (nnU-Net mirrors each patch in the same way). What is kept per voxel is set by a :class:`Layout`:
 
-* the mean probability of every channel (always), by Welford's update ``mean += (p - mean) / n``;
+* the mean probability of every channel (always): a sum divided by the count, or, when ``M2`` is kept, by
+  Welford's update ``mean += (p - mean) / n``;
 * the sum over channels of the squared deviations from that mean (``M2``, Welford), with ``--save-uncertainty``
   and several members: the member variance averaged over channels is ``M2 / (n * channels)``;
 * each channel's vote count (``--ensemble vote``): a member votes for its argmax class, or for each region it
@@ -109,13 +110,17 @@ class MemberWindows:
                 if dims:
                     p = torch.flip(p, dims)
                 count += 1
-                delta = p - mean
-                mean += delta / count
-                if layout.m2 is not None:
+                if layout.m2 is not None:  # Welford: mean and M2 in one pass
+                    delta = p - mean
+                    mean.add_(delta, alpha=1.0 / count)
                     out[:, layout.m2] += (delta * (p - mean)).sum(dim=1)
+                else:
+                    mean += p  # a sum, divided once below: one operation per member
                 if layout.vote is not None:
                     out[:, layout.vote] += self.outputs.votes(p)
                 if layout.any_foreground is not None:
                     index = layout.any_foreground
                     out[:, index] = torch.maximum(out[:, index], self.outputs.foreground(p)[:, 0])
+        if layout.m2 is None and count > 1:
+            mean /= count
         return out

@@ -18,28 +18,18 @@ works in slabs along the last axis, so its temporaries stay a small fraction of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from medseg.arrays import slabs
 from medseg.losses import loss_activation
 
-SLAB_VALUES = 1 << 22  # values of a (channels, ..., slab) temporary: 16 MB in float32
 _EPS = 1e-7
 VOTE_TOLERANCE = 1e-3  # vote counts within this are tied (blending leaves whole counts off by float rounding)
-
-
-def slabs(shape: Sequence[int], channels: int = 1, budget: int = SLAB_VALUES) -> Iterator[tuple[Any, ...]]:
-    """Index tuples ``(..., slice)`` that cover ``(..., *shape)`` in slabs along the last axis, each slab
-    holding at most ``budget`` values over ``channels`` channels (at least one slice). The same index selects
-    the slab of a ``(*shape)`` map and of a ``(P, *shape)`` stack."""
-    per_slice = max(1, channels * int(np.prod(shape[:-1], dtype=np.int64)))
-    step = max(1, budget // per_slice)
-    for start in range(0, int(shape[-1]), step):
-        yield (Ellipsis, slice(start, min(start + step, int(shape[-1]))))
 
 
 @dataclass(frozen=True)
@@ -151,13 +141,13 @@ class OutputSpec:
             else:
                 best = v.max(dim=0, keepdim=True).values
                 tied = v >= best - VOTE_TOLERANCE
-                out[part] = torch.where(tied, p, torch.full_like(p, -1.0)).argmax(dim=0).to(out.dtype)
+                out[part] = argmax_channels(torch.where(tied, p, torch.full_like(p, -1.0)), out.dtype)
         return out
 
     def _labels_of(self, called: torch.Tensor | None, probabilities: torch.Tensor) -> torch.Tensor:
         dtype = _torch_dtype(self.label_dtype)
         if called is None:
-            return probabilities.argmax(dim=0).to(dtype)
+            return argmax_channels(probabilities, dtype)
         labels = torch.zeros(probabilities.shape[1:], dtype=dtype, device=probabilities.device)
         for region, value in enumerate(self.region_order or ()):
             labels[called[region]] = value
@@ -181,6 +171,18 @@ class OutputSpec:
         if self.regions:
             return torch.stack([_isin(labels, values) for values in self.regions])
         return torch.stack([labels == k for k in range(1, self.channels)])
+
+
+def argmax_channels(values: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``values.argmax(dim=0)`` (the first maximum wins) for ``(P, *S)``, as ``P - 1`` elementwise passes: torch's
+    argmax over the leading axis of a strided slab is about 20x slower (1.4 s against 0.07 s for 2 x 8.4 M)."""
+    best = values[0].clone()
+    labels = torch.zeros(values.shape[1:], dtype=dtype, device=values.device)
+    for k in range(1, values.shape[0]):
+        better = values[k] > best
+        labels[better] = k
+        torch.maximum(best, values[k], out=best)
+    return labels
 
 
 def _isin(labels: torch.Tensor, values: Sequence[int]) -> torch.Tensor:

@@ -114,7 +114,8 @@ def segment(
     """Every member of every group on one case, combined on the input's grid.
 
     Args:
-        prepared: the case from :func:`prepare_case` with these groups.
+        prepared: the case from :func:`prepare_case` with these groups; it is used up (each preprocessed image
+            is freed once its last group has run).
         groups: the models (their networks already on ``device``).
         flips: test-time flips (``()`` = none).
         device: where the windows run.
@@ -130,16 +131,27 @@ def segment(
     layout = Layout(outputs.channels, variance=uncertainty and members > 1, votes=ensemble == "vote",
                     foreground=uncertainty)
     accumulator = NativeAccumulator(layout, outputs)
-    for group in groups:
+    for index, group in enumerate(groups):
         x = prepared.inputs[group.key]
         first = group.models[0]
         autocast = autocast_for(device, window_dtype(precision, device, first.precision))
         predictor = MemberWindows([m.net for m in group.models], flips, outputs, layout, autocast)
         stitched = stitch(predictor, x.as_tensor()[None], first.window, layout.size, window_device=device)[0]
         stitched = stitched.cpu()
-        accumulator.add_group(lambda c: invert_channel(stitched[c], x, group.preprocess), predictor.members)  # noqa: B023
-        del stitched
+        if all(later.key != group.key for later in groups[index + 1:]):
+            x = prepared.inputs[group.key] = _record_only(x)  # the voxels are no longer needed: free them
+        spare = stitched.numpy() if stitched.is_contiguous() else None  # may become the accumulator
+        accumulator.add_group(lambda c: invert_channel(stitched[c], x, group.preprocess), predictor.members,  # noqa: B023
+                              spare)
+        del stitched, spare
     return accumulator.finish(probabilities=probabilities, uncertainty=uncertainty)
+
+
+def _record_only(image: Any) -> MetaTensor:
+    """An empty tensor carrying ``image``'s metadata and applied operations: all that inverting needs."""
+    record = MetaTensor(torch.empty(0), meta=dict(image.meta))
+    record.applied_operations = image.applied_operations
+    return record
 
 
 def invert_channel(values: torch.Tensor, reference: Any, preprocess: mt.Compose) -> np.ndarray:
