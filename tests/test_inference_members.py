@@ -137,3 +137,67 @@ def test_loss_logits_give_back_the_probabilities() -> None:
     p = torch.tensor([[0.2, 0.7], [0.8, 0.3]])
     assert torch.allclose(torch.softmax(OutputSpec("softmax", ("a", "b")).logits_for_loss(p), dim=0), p)
     assert torch.allclose(torch.sigmoid(OutputSpec("sigmoid", ("a", "b")).logits_for_loss(p)), p, atol=1e-6)
+
+
+def _reference_members(models: list[LoadedModel], image: str, flips: list[tuple[int, ...]]) -> np.ndarray:
+    """Every member predicted alone, its probabilities inverted with MONAI's Invertd, voxels outside its
+    preprocessed grid given to background, stacked ``(M, K, *S)``: the per-member reference."""
+    from monai import transforms as mt
+    from monai.data import MetaTensor
+    from monai.inferers import sliding_window_inference
+
+    stack = []
+    for model in models:
+        preprocess = pipeline.preprocess_for(model)
+        data = preprocess({"image": image})
+        for flip in flips:
+            dims = [a + 2 for a in flip]
+
+            def member(w: torch.Tensor, dims: list[int] = dims, net: torch.nn.Module = model.net) -> torch.Tensor:
+                p = torch.softmax(net(torch.flip(w, dims) if dims else w), dim=1)
+                return torch.flip(p, dims) if dims else p
+
+            with torch.no_grad():
+                p = sliding_window_inference(data["image"].as_tensor()[None], model.hparams["roi_size"], 1, member,
+                                             overlap=0.25, mode="gaussian")[0]
+            inverted = mt.Invertd(keys="pred", transform=preprocess, orig_keys="image", nearest_interp=False)(
+                {**data, "pred": MetaTensor(p, meta=data["image"].meta)})["pred"]
+            p = np.asarray(inverted, dtype=np.float32)
+            p[0] += np.clip(1.0 - p.sum(axis=0), 0.0, None)
+            stack.append(p)
+    return np.stack(stack)
+
+
+def test_a_cropping_group_and_a_full_group_vote_and_vary_like_every_member_alone(tmp_path: Path) -> None:
+    """Group A crops to the foreground, group B does not: outside A's crop its members call background and must
+    count there, in the mean, the votes and the variance (not as members that predicted nothing)."""
+    from medseg.data.io import write_nifti
+
+    rng = np.random.default_rng(0)
+    image = np.zeros((20, 18, 10), np.float32)
+    image[4:15, 3:14, 2:8] = rng.normal(1.0, 0.5, (11, 11, 6))
+    affine = np.array([[-1.2, 0, 0, 10], [0, 0, 0.9, -5], [0, 2.0, 0, 3], [0, 0, 0, 1.0]])  # permuted, flipped
+    path = str(write_nifti(image, affine, tmp_path / "box.nii.gz"))
+    torch.manual_seed(0)
+
+    def model(crop: bool) -> LoadedModel:
+        net = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Conv3d(3, 3, 1)).eval()
+        hparams = {"network": "t", "spatial_dims": 3, "in_channels": 1, "num_classes": 3, "roi_size": [32, 32, 32],
+                   "preprocessing_spec": {"intensity": "mri", "crop_foreground": crop}}
+        return LoadedModel(net, hparams, "segmentation")
+
+    models = [model(True) for _ in range(3)] + [model(False)]
+    flips = flip_sets(3, [0])
+    stack = _reference_members(models, path, flips)  # (8, 3, *S)
+    groups = pipeline.group_models(models)
+    assert len(groups) == 2
+    for ensemble in ("mean", "vote"):
+        case = pipeline.prepare_case({"id": "c", "image": [path]}, groups)
+        maps = pipeline.segment(case, groups, flips, ensemble=ensemble, probabilities=True, uncertainty=True)
+        assert np.allclose(maps.probabilities, stack.mean(axis=0), atol=1e-5)
+        assert np.allclose(maps.variance, stack.var(axis=0).mean(axis=0), atol=1e-5)
+        assert np.array_equal(maps.labels, combine(list(stack), ensemble)[1])
+    mean = stack.mean(axis=0)
+    entropy = -(mean * np.log(np.clip(mean, 1e-12, 1.0))).sum(axis=0)
+    region = (stack.argmax(axis=1) > 0).any(axis=0)
+    assert maps.doubt == pytest.approx(float(entropy[region].mean()), rel=1e-4)

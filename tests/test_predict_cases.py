@@ -71,7 +71,7 @@ real, seen = batch.classify, []
 def dying(*args, **kwargs):
     seen.append(1)
     if len(seen) == int(os.environ["KILL_AT"]):
-        time.sleep(0.5)  # the previous case's row is being appended by the writer thread
+        time.sleep(0.5)  # on a GPU the previous case's row may still be in the writer thread
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a crash
     return real(*args, **kwargs)
 batch.classify = dying
@@ -154,3 +154,44 @@ def test_background_reading_and_writing_give_the_same_files(seg3d_checkpoint: Pa
     assert len(readers) == 6 and all(name.startswith("medseg-read") for name in readers)
     for path in (tmp_path / "in_turn").glob("*.nii.gz"):
         assert path.read_bytes() == (tmp_path / "background" / path.name).read_bytes()
+
+
+def test_a_torn_header_is_no_header(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("case,do")  # killed while the header itself was written
+    table = RowTable(path)
+    assert table.rows() == []
+    table.append({"case": "a", "doubt": 0.1, "members": 2})
+    assert path.read_text() == "case,doubt,members\na,0.1,2\n"
+
+
+def test_an_overwrite_run_killed_midway_leaves_no_case_mixed_and_resume_finishes(
+    seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.inference import batch
+
+    data, out = str(seg3d_root / "dataset.json"), tmp_path / "out"
+    args = ("--ckpt", str(seg3d_checkpoint), "--input", data, "--output", str(out), "--save-uncertainty",
+            "--save-probabilities")
+    assert _run(*args) == 0
+    first, second = sorted(p.name[: -len(".nii.gz")] for p in out.glob("*.nii.gz"))
+    calls = []
+    real = batch.segment
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the user's Ctrl-C, or a kill, while the second case is predicted
+        return real(*a, **k)
+
+    monkeypatch.setattr(batch, "segment", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(*args, "--overwrite")
+    assert (out / f"{first}.nii.gz").is_file()  # redone
+    leftovers = [p.name for p in out.rglob(f"{second}*") if p.is_file()]
+    assert leftovers == [], "the interrupted case kept old files beside new ones"
+    monkeypatch.setattr(batch, "segment", real)
+    assert _run(*args, "--resume") == 0
+    rows = _rows(out / "uncertainty.csv")
+    assert sorted(r["case"] for r in rows) == [first, second]
+    assert (out / f"{second}.nii.gz").is_file() and (out / "probabilities" / f"{second}.npz").is_file()

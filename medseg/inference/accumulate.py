@@ -16,11 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from medseg.arrays import slabs
 from medseg.inference.members import Layout
 from medseg.inference.outputs import OutputSpec
-
-_MISSING = 1e-4  # probability mass below which nothing is "missing" (float rounding of a sum of 1)
 
 
 @dataclass
@@ -52,7 +49,13 @@ class NativeAccumulator:
         self.values: np.ndarray | None = None
         self.members = 0
 
-    def add_group(self, channel: Callable[[int], np.ndarray], members: int, spare: np.ndarray | None = None) -> None:
+    def add_group(
+        self,
+        channel: Callable[[int], np.ndarray],
+        members: int,
+        spare: np.ndarray | None = None,
+        coverage: np.ndarray | None = None,
+    ) -> None:
         """Fold in one group's statistics.
 
         Args:
@@ -63,7 +66,13 @@ class NativeAccumulator:
                 come first and their grid has the input's shape (reorientation by flips, no resampling or
                 cropping), they become the accumulator: slot ``c`` is overwritten only after ``channel(c)``
                 has read it, so no second full-size array is made.
+            coverage: ``(*S)`` in [0, 1], how much of each input voxel the group's preprocessed grid covered
+                (below 1 outside a foreground crop or at a resampled border; ``None``: all of it). Where it
+                did not, the group's members are taken to call background (class 0, its probability and votes),
+                so they count there like the other groups' members.
         """
+        if coverage is not None and not self.outputs.regions:  # regions: nothing called is already right
+            channel = _with_background(channel, self.layout, members, 1.0 - coverage)
         layout = self.layout
         if self.values is None:
             first = channel(0)
@@ -105,8 +114,6 @@ class NativeAccumulator:
             raise ValueError("no group was added")
         layout, outputs, values = self.layout, self.outputs, self.values
         mean = values[layout.mean]
-        if outputs.activation == "softmax":
-            _background_where_missing(mean)
         tensor = torch.from_numpy(mean)
         if layout.vote is not None:
             labels = outputs.decode_votes(torch.from_numpy(values[layout.vote]), tensor, self.members)
@@ -117,18 +124,28 @@ class NativeAccumulator:
         if uncertainty:
             entropy = outputs.entropy(tensor).numpy()
             if layout.any_foreground is not None:
-                region = values[layout.any_foreground] > 0
-                doubt = float(entropy[region].mean()) if region.any() else 0.0
+                # The flag is 0/1 per member; blending and inverse resampling smear it, so >= 0.5, not > 0.
+                region = values[layout.any_foreground] >= 0.5
+                doubt = float(entropy.mean(where=region)) if region.any() else 0.0
             if layout.m2 is not None and self.members > 1:
                 variance = values[layout.m2]
                 variance /= np.float32(self.members * outputs.channels)
         return CaseMaps(labels.numpy(), mean if probabilities else None, entropy, variance, doubt, self.members)
 
 
-def _background_where_missing(mean: np.ndarray) -> None:
-    """Voxels the inverse preprocessing padded (outside a foreground crop) hold no probability: give the
-    missing mass to the background, in place (softmax outputs only)."""
-    for part in slabs(mean.shape[1:], mean.shape[0]):
-        missing = 1.0 - mean[part].sum(axis=0)
-        missing[missing < _MISSING] = 0.0
-        mean[0][part] += missing
+def _with_background(
+    channel: Callable[[int], np.ndarray], layout: Layout, members: int, uncovered: np.ndarray
+) -> Callable[[int], np.ndarray]:
+    """``channel`` with the uncovered share of each voxel given to background: its mean probability (channel
+    0) and its votes (``members`` per uncovered voxel)."""
+    vote = layout.vote.start if layout.vote is not None else None
+
+    def filled(c: int) -> np.ndarray:
+        values = channel(c)
+        if c == 0:
+            values = values + uncovered
+        elif c == vote:
+            values = values + np.float32(members) * uncovered
+        return values
+
+    return filled

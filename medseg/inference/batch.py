@@ -127,7 +127,7 @@ def predict_batch(
     for outcome in outcomes:
         report.done += outcome.done
         report.failed.update(outcome.failed)
-    finish_table(table, task, cases)
+    finish_table(table, task, cases, set(report.failed))
     return report
 
 
@@ -191,6 +191,8 @@ def _run_cases(
             if i + 1 < len(cases):
                 upcoming = reader.submit(prepare_case, cases[i + 1], groups)
             try:
+                if options.overwrite:  # the old files go first: a kill now leaves the case unfinished, not mixed
+                    CaseFiles.of(case["id"], options.output).remove()
                 job = _predict(current.result(), groups, models[0], options, table)
             except Exception as err:  # any failure of one case (unreadable, out of memory, ...) stays with it
                 _fail(case, err, options, outcome)

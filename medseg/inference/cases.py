@@ -26,14 +26,18 @@ def pending_cases(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Split ``cases`` into those to predict now and the ids of finished ones to skip.
 
+    Nothing is removed here: with ``overwrite`` each case's old files go just before it is predicted again
+    (so no new file sits beside an old label map), and a table row is superseded by the case's next row.
+
     Raises:
         FileExistsError: finished cases exist and neither ``overwrite`` nor ``resume`` was asked for.
     """
     ids = {case["id"] for case in cases}
+    rows = {row["case"] for row in table.rows()} if table is not None else None
     if task == "classification":
-        done = {row["case"] for row in (table.rows() if table else []) if row["case"] in ids}
-    else:
-        done = {case["id"] for case in cases if _complete(case["id"], options)}
+        done = ids & (rows or set())
+    else:  # a case with its files but without its row (written first) is not finished
+        done = {case["id"] for case in cases if _complete(case["id"], options) and (rows is None or case["id"] in rows)}
     if options.overwrite:
         done = set()
     elif done and not options.resume:
@@ -41,22 +45,21 @@ def pending_cases(
             f"{options.output}: {len(done)} case(s) already predicted (e.g. {sorted(done)[0]}); "
             "use --overwrite to redo them or --resume to skip them"
         )
-    if table is not None:  # rows of the cases redone now go; the others stay
-        table.rewrite(keep=lambda row: row["case"] not in ids or row["case"] in done)
     todo = [case for case in cases if case["id"] not in done]
     return todo, [case["id"] for case in cases if case["id"] in done]
 
 
-def finish_table(table: RowTable | None, task: str, cases: list[dict[str, Any]]) -> None:
-    """Sort the table once the run ends: classification rows in case order (rows of other inputs after them),
-    uncertainty rows by doubt, highest first."""
+def finish_table(table: RowTable | None, task: str, cases: list[dict[str, Any]], failed: set[str]) -> None:
+    """Rewrite the table once the run ends: one row per case, none for the cases that failed in this run;
+    classification rows in case order (rows of other inputs after them), uncertainty rows by doubt, highest
+    first."""
     if table is None:
         return
     if task == "classification":
         order = {case["id"]: i for i, case in enumerate(cases)}
-        table.rewrite(order=lambda row: order.get(row["case"], len(order)))
+        table.rewrite(keep=lambda row: row["case"] not in failed, order=lambda row: order.get(row["case"], len(order)))
     else:
-        table.rewrite(order=lambda row: -float(row["doubt"]))
+        table.rewrite(keep=lambda row: row["case"] not in failed, order=lambda row: -float(row["doubt"] or 0))
 
 
 def _complete(case: str, options: Any) -> bool:

@@ -13,8 +13,12 @@ statistics, so the memory of a window batch and of the stitched maps does not gr
   calls;
 * whether any member calls the voxel foreground (``--save-uncertainty``: where the doubt score is averaged).
 
-The windows are blended by the sliding window afterwards. So ``M2``, votes and the foreground flag are exact
-where one window covers a voxel and a blend of the windows' values where windows overlap.
+The windows are blended by the sliding window afterwards, and each group's statistics are then inverted to the
+input grid. So ``M2``, votes and the foreground flag are exact where one window covers a voxel and the
+preprocessing keeps the grid (reorientation, cropping); where windows overlap they are a blend of the windows'
+values, and under resampling they are interpolated like the probabilities (measured against every member
+inverted alone, on a resampled and cropped case: variance within 0.004, vote labels differing at 2% of voxels,
+the mean probabilities within 1e-7).
 """
 
 from __future__ import annotations

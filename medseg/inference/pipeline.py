@@ -23,6 +23,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 
 from medseg.data.io import read_header
+from medseg.data.transforms import Preprocessing
 from medseg.inference.accumulate import CaseMaps, NativeAccumulator
 from medseg.inference.members import Layout, MemberWindows, autocast_for
 from medseg.inference.native import LoadedModel, check_input, preprocess_for
@@ -141,10 +142,23 @@ def segment(
         if all(later.key != group.key for later in groups[index + 1:]):
             x = prepared.inputs[group.key] = _record_only(x)  # the voxels are no longer needed: free them
         spare = stitched.numpy() if stitched.is_contiguous() else None  # may become the accumulator
+        coverage = _coverage(stitched.shape[1:], x, group) if _may_leave_gaps(first) else None
         accumulator.add_group(lambda c: invert_channel(stitched[c], x, group.preprocess), predictor.members,  # noqa: B023
-                              spare)
-        del stitched, spare
+                              spare, coverage)
+        del stitched, spare, coverage
     return accumulator.finish(probabilities=probabilities, uncertainty=uncertainty)
+
+
+def _may_leave_gaps(model: LoadedModel) -> bool:
+    """Whether the preprocessed grid may not cover every input voxel (a foreground crop, or resampling)."""
+    spec = Preprocessing.from_dict(model.hparams.get("preprocessing_spec"))
+    return bool(spec.crop_foreground or spec.spacing)
+
+
+def _coverage(grid: Sequence[int], reference: Any, group: ModelGroup) -> np.ndarray:
+    """``(*S)``: the share of each input voxel the preprocessed grid covers (1 inside, 0 outside a crop)."""
+    covered = invert_channel(torch.ones(tuple(grid)), reference, group.preprocess)
+    return np.clip(covered, 0.0, 1.0, out=covered)
 
 
 def _record_only(image: Any) -> MetaTensor:

@@ -112,22 +112,27 @@ class RowTable:
     def rows(self) -> list[dict[str, str]]:
         """The complete rows, the last one of each case (no lock taken: call inside :meth:`locked` to be safe
         against concurrent rewrites)."""
-        if not self.path.exists():
-            return []
-        text = self.path.read_text()
-        if text and not text.endswith("\n"):  # a row torn by a kill while it was written
-            text = text[: text.rfind("\n") + 1]
-        rows = [row for row in csv.DictReader(io.StringIO(text, newline=""))
+        rows = [row for row in csv.DictReader(io.StringIO(self._complete_text(), newline=""))
                 if None not in row.values() and None not in row]
         last = {row[self.key]: row for row in rows}
         return list(last.values())
+
+    def _complete_text(self) -> str:
+        """The file up to its last newline: a line torn by a kill while it was written is not part of it."""
+        if not self.path.exists():
+            return ""
+        text = self.path.read_text()
+        return text[: text.rfind("\n") + 1]
 
     def append(self, row: dict[str, Any]) -> None:
         """Add one row now (durably). A row with columns the file lacks rewrites the file with both sets."""
         with self.locked():
             columns = self._columns()
-            if columns is not None and not self.path.read_text().endswith("\n"):
-                self._write(self.rows(), columns)  # drop a torn last row before appending after it
+            if self.path.exists() and self._complete_text() != self.path.read_text():
+                if columns is None:  # only a torn header: start afresh
+                    self.path.unlink()
+                else:  # drop the torn last row before appending after it
+                    self._write(self.rows(), columns)
             if columns is not None and list(row) != columns:
                 rows = self.rows()
                 merged = columns + [c for c in row if c not in columns]
@@ -153,10 +158,9 @@ class RowTable:
             self._write(sorted(rows, key=order) if order else rows, columns)
 
     def _columns(self) -> list[str] | None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return None
-        with self.path.open(newline="") as handle:
-            return next(csv.reader(handle), None)
+        """The header of the complete part of the file (``None`` without one: a torn header is no header)."""
+        text = self._complete_text()
+        return next(csv.reader(io.StringIO(text, newline="")), None) if text else None
 
     def _write(self, rows: list[dict[str, Any]], columns: list[str]) -> None:
         write_csv(self.path, rows, columns)
