@@ -13,6 +13,7 @@ not by the number of members.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,9 +144,9 @@ def segment(
             x = prepared.inputs[group.key] = _record_only(x)  # the voxels are no longer needed: free them
         spare = stitched.numpy() if stitched.is_contiguous() else None  # may become the accumulator
         coverage = _coverage(stitched.shape[1:], x, group) if _may_leave_gaps(first) else None
-        accumulator.add_group(lambda c: invert_channel(stitched[c], x, group.preprocess), predictor.members,  # noqa: B023
-                              spare, coverage)
-        del stitched, spare, coverage
+        channel = functools.partial(_invert_from, stitched, x, group.preprocess)
+        accumulator.add_group(channel, predictor.members, spare, coverage)
+        del stitched, spare, coverage, channel
     return accumulator.finish(probabilities=probabilities, uncertainty=uncertainty)
 
 
@@ -166,6 +167,10 @@ def _record_only(image: Any) -> MetaTensor:
     record = MetaTensor(torch.empty(0), meta=dict(image.meta))
     record.applied_operations = image.applied_operations
     return record
+
+
+def _invert_from(stitched: torch.Tensor, reference: Any, preprocess: mt.Compose, c: int) -> np.ndarray:
+    return invert_channel(stitched[c], reference, preprocess)
 
 
 def invert_channel(values: torch.Tensor, reference: Any, preprocess: mt.Compose) -> np.ndarray:
