@@ -93,10 +93,29 @@ def run_lightning(argv: list[str]) -> int:
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         try:
             MedSegCLI(args=argv)
-        except BaseException:
+        except BaseException as err:
             release_empty_run_folder()
-            raise
+            refusal = _medseg_error(err)
+            if refusal is None or refusal is err:
+                raise
+            raise refusal from err
     return 0
+
+
+def _medseg_error(err: BaseException) -> BaseException | None:
+    """The medseg refusal behind ``err``, if any: jsonargparse wraps an error raised while it builds the model
+    (e.g. a region dataset with a softmax loss) into a ValueError that prints the whole config."""
+    from medseg.data.datalist import DatasetError
+    from medseg.errors import ConfigError, ResumeError
+
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (ConfigError, ResumeError, DatasetError)):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _demo(argv: list[str]) -> int:

@@ -62,6 +62,13 @@ def test_region_data_with_a_softmax_or_background_dropping_loss_is_refused(seg2d
         MedSegCLI(args=[*base, "--model.init_args.loss", "dice_bce"])  # the config drops channel 0
 
 
+def test_the_refusal_is_one_line_from_the_command(seg2d_regions_root: Path, tmp_path: Path, capsys) -> None:
+    code = main(["fit", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--data.root", str(seg2d_regions_root),
+                 "--trainer.default_root_dir", str(tmp_path), "--trainer.fast_dev_run", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "need a sigmoid loss" in err[0] and err[0].startswith("medseg fit: ")
+
+
 @pytest.fixture(scope="module")
 def region_run(seg2d_regions_root: Path, tmp_path_factory: pytest.TempPathFactory) -> MedSegCLI:
     out = tmp_path_factory.mktemp("regions_fit")
@@ -108,3 +115,22 @@ def test_region_predictions_rebuild_the_label_map_and_score_per_region(
         assert summary["per_class"][name]["dice"]["mean"] >= 0.8
     rows = (tmp_path / "eval" / "per_case.csv").read_text().splitlines()
     assert rows[0].startswith("case,class,dice") and ",core," in rows[2]
+
+
+def test_a_region_model_and_a_class_model_do_not_form_an_ensemble(region_run: MedSegCLI, seg2d_regions_root: Path,
+                                                                  tmp_path: Path, capsys) -> None:
+    """Same number of outputs (3), different meaning: refused before any case, naming the checkpoint."""
+    import torch
+
+    from medseg.resume import saved_checkpoint
+
+    regions = saved_checkpoint(region_run.trainer)
+    classes = tmp_path / "classes.ckpt"
+    checkpoint = torch.load(regions, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"].update(regions=None, region_order=None, loss="dice_ce", loss_args={},
+                                          label_names=["background", "a", "b"])
+    torch.save(checkpoint, classes)
+    assert main(["predict", "--ckpt", regions, "--ckpt", str(classes), "--input", str(seg2d_regions_root / "dataset.json"),
+                 "--output", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(classes) in err and "regions" in err and "softmax" in err
