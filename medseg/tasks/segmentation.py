@@ -80,7 +80,8 @@ class SegmentationModule(MedSegModule):
         )
         self.roi_size = list(roi_size or ([96, 96] if spatial_dims == 2 else [64, 64, 32]))
         self.hparams.roi_size = self.roi_size  # the checkpoint holds the roi prediction will use
-        self.outputs = _output_spec(num_classes, label_names, regions, region_order, loss, loss_args)
+        _check_regions(num_classes, regions, region_order, loss, loss_args)
+        self.outputs = OutputSpec.from_hparams(self.hparams)  # what prediction rebuilds from the checkpoint
         self.window = Window.from_hparams(self.hparams)
         # Dice per case and scored structure (NaN where the structure is absent from the case's reference:
         # MONAI's ignore_empty, left out of that structure's mean), gathered on the CPU over an epoch.
@@ -163,14 +164,13 @@ class SegmentationModule(MedSegModule):
         self._log_dice("test")
 
 
-def _output_spec(
-    num_classes: int, label_names: list[str] | None, regions: list[list[int]] | None,
-    region_order: list[int] | None, loss: str, loss_args: dict[str, Any] | None,
-) -> OutputSpec:
-    """The module's output spec; region models are refused with a softmax loss or a loss without channel 0."""
-    names = tuple(label_names or [str(i) for i in range(num_classes)])
+def _check_regions(
+    num_classes: int, regions: list[list[int]] | None, region_order: list[int] | None, loss: str,
+    loss_args: dict[str, Any] | None,
+) -> None:
+    """Refuse region models with a softmax loss, a loss without channel 0, or outputs that do not match."""
     if not regions:
-        return OutputSpec(loss_activation(loss, loss_args), names)
+        return
     if len(regions) != num_classes or not region_order or len(region_order) != len(regions):
         raise ConfigError(f"{len(regions)} regions need num_classes={len(regions)} outputs and as many "
                           f"region_order values, got num_classes={num_classes}, region_order={region_order}")
@@ -180,8 +180,6 @@ def _output_spec(
     if (loss_args or {}).get("include_background") is False:
         raise ConfigError("with regions every output channel is a region: loss_args.include_background must be "
                           "true (false would drop the first region from the Dice loss)")
-    return OutputSpec("sigmoid", names, tuple(tuple(int(v) for v in r) for r in regions),
-                      tuple(int(v) for v in region_order))
 
 
 def dice_sums(per_case: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
