@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 DEMO_TARGET_DICE = 0.90
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from medseg.data.checks import DataCheckError
     from medseg.data.datalist import DatasetError
     from medseg.data.io import ImageReadError
-    from medseg.errors import ConfigError, ResumeError
+    from medseg.errors import ConfigError, InputError, ResumeError
 
     try:
         if command in LIGHTNING_COMMANDS:
@@ -53,9 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         if command in commands:
             return commands[command](rest)
-    except (DataCheckError, DatasetError, ImageReadError, ResumeError, ConfigError, FileExistsError, FileNotFoundError) as err:
+    except (DataCheckError, DatasetError, ImageReadError, ResumeError, ConfigError, InputError, FileExistsError,
+            FileNotFoundError) as err:
         if command not in LIGHTNING_COMMANDS or _first_process():
             print(f"medseg {command}: {err}", file=sys.stderr)  # once, not once per DDP process
+        return 2
+    except OSError as err:  # a folder that cannot be created, a disk that is full, a file without permission
+        if command not in LIGHTNING_COMMANDS or _first_process():
+            where = f"{err.filename}: " if err.filename else ""
+            print(f"medseg {command}: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     print(f"medseg: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
@@ -63,15 +71,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _show_medseg_logs() -> None:
     """medseg's own log records (e.g. where the sliding window stitches) go to stderr, one line each."""
-    import logging
-
     logger = logging.getLogger("medseg")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("medseg: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the one at start-up), so output
+    redirected or captured later still gets medseg's messages."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def _first_process() -> bool:
@@ -136,6 +155,7 @@ def _demo(argv: list[str]) -> int:
 def _predict(argv: list[str]) -> int:
     from medseg.data.discovery import parse_shard
     from medseg.inference.batch import PredictOptions, predict_batch
+    from medseg.inference.native import NONFINITE_MODES
     from medseg.inference.pipeline import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="medseg predict", description=_doc("predict"))
@@ -154,6 +174,10 @@ def _predict(argv: list[str]) -> int:
                         help="window precision: auto = what each checkpoint trained at (GPU), float32 on the CPU")
     parser.add_argument("--shard", default=None, metavar="K/N",
                         help="predict part K (0..N-1) of N of the cases, e.g. one SLURM array task each")
+    parser.add_argument("--nonfinite", choices=NONFINITE_MODES, default="fail",
+                        help="NaN/Inf input voxels: fail the case, naming the file and the count (default), or "
+                             "predict them as 0")
+    _max_voxels_option(parser)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
     group.add_argument("--resume", action="store_true", help="skip cases whose outputs exist")
@@ -178,6 +202,7 @@ def _predict(argv: list[str]) -> int:
         output=Path(args.output), tta=args.tta, tta_axes=args.tta_axes, ensemble=args.ensemble, postprocess=steps,
         save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=args.device,
         precision=args.precision, overwrite=args.overwrite, resume=args.resume, shard=shard,
+        nonfinite=args.nonfinite, max_voxels=args.max_voxels,
     )
     try:
         report = predict_batch(args.ckpt, args.input, options, devices=args.devices)
@@ -185,8 +210,9 @@ def _predict(argv: list[str]) -> int:
         print(f"medseg predict: {err}", file=sys.stderr)
         return 2
     print(f"predicted {len(report.done)} case(s), skipped {len(report.skipped)}, failed {len(report.failed)}")
-    for case, reason in report.failed.items():
-        print(f"  FAILED {case}: {reason}", file=sys.stderr)
+    if report.failed:  # each reason was printed once, when its case failed
+        shown = ", ".join(list(report.failed)[:10]) + (" ..." if len(report.failed) > 10 else "")
+        print(f"medseg predict: {len(report.failed)} case(s) failed (reasons above): {shown}", file=sys.stderr)
     return 1 if report.failed else 0
 
 
@@ -251,12 +277,14 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
     parser.add_argument("--empty-distance", type=float, default=float("nan"),
                         help="hd95/assd when exactly one mask is empty (default NaN: left out of the means)")
+    _max_voxels_option(parser)
     args = parser.parse_args(argv)
     pred = Path(args.pred)
     try:
         if pred.suffix == ".csv" or (pred / "predictions.csv").is_file():
             return _report_classification(evaluate_classification(pred, args.truth, args.output), args.output)
-        summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, args.empty_distance)
+        summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, args.empty_distance,
+                                        max_voxels=args.max_voxels)
     except ValueError as err:
         print(f"medseg evaluate: {err}", file=sys.stderr)
         return 2
@@ -266,6 +294,10 @@ def _evaluate(argv: list[str]) -> int:
     for key in ("missing_predictions", "unmatched_predictions"):
         if summary[key]:
             print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)
+    undeclared = summary["undeclared_labels"]
+    if undeclared["cases"]:
+        print(f"  undeclared label values: {undeclared['voxels']} voxel(s) in {undeclared['cases']} case(s) "
+              "(summary.json: undeclared_labels)", file=sys.stderr)
     return 1 if summary["missing_predictions"] else 0
 
 
@@ -305,20 +337,35 @@ def _make_synthetic(argv: list[str]) -> int:
 
 
 def _check_data(argv: list[str]) -> int:
-    from medseg.data.checks import check_dataset, format_report
-    from medseg.data.datalist import DatasetError, load_dataset
+    from medseg.data.checks import check_counted, format_report
 
     parser = argparse.ArgumentParser(prog="medseg check-data", description=_doc("check-data"))
     parser.add_argument("root", help="dataset folder (with dataset.json / dataset.csv) or the description file")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="affine/spacing tolerance")
+    _max_voxels_option(parser)
     args = parser.parse_args(argv)
-    problems = check_dataset(args.root, tolerance=args.tolerance, progress=True)
-    try:
-        n_cases = len(load_dataset(args.root).training)
-    except DatasetError:
-        n_cases = 0
+    problems, n_cases = check_counted(args.root, tolerance=args.tolerance, progress=True, max_voxels=args.max_voxels)
     print(format_report(problems, n_cases))
     return 1 if problems else 0
+
+
+def _count(text: str) -> int:
+    """A positive whole number, also written as ``2e9``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value.is_integer() or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number (e.g. 2000000000 or 2e9)")
+    return int(value)
+
+
+def _max_voxels_option(parser: argparse.ArgumentParser) -> None:
+    from medseg.data.io import DEFAULT_MAX_VOXELS
+
+    parser.add_argument("--max-voxels", type=_count, default=DEFAULT_MAX_VOXELS,
+                        help="the most voxels an image header may claim; larger claims (and claims the file is too "
+                             f"small to hold) are refused before any voxel is read (default {DEFAULT_MAX_VOXELS:,})")
 
 
 def _doc(command: str) -> str:

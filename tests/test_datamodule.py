@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -243,8 +244,19 @@ def test_check_data_refuses_missing_label_before_training(seg3d: Path, tmp_path:
         dm.setup("fit")
     assert any(p.file == str(missing.resolve()) for p in info.value.problems)
     assert "case_004.nii.gz" in str(info.value)
-    # without the check, setup goes through (the bad case would only fail when loaded)
+    # check_data: false still reads every header: a missing file is refused before training ...
+    with pytest.raises(DataCheckError, match="case_004.nii.gz: file not found"):
+        MedSegDataModule(str(root), patch_size=PATCH_3D, check_data=False).setup("fit")
+    # ... but no voxel is read: NaN voxels pass (they would only show in training)
+    shutil.copy(seg3d / "labelsTr" / "case_004.nii.gz", missing)
+    image = root / "imagesTr" / "case_001.nii.gz"
+    img = nib.load(image)
+    data = np.asarray(img.dataobj, dtype=np.float32).copy()
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), image)
     MedSegDataModule(str(root), patch_size=PATCH_3D, check_data=False).setup("fit")
+    with pytest.raises(DataCheckError, match="1 NaN voxel"):
+        MedSegDataModule(str(root), patch_size=PATCH_3D, check_data=True).setup("fit")
 
 
 def test_2d_with_albumentations(seg2d: Path) -> None:

@@ -24,7 +24,14 @@ from tqdm import tqdm
 
 from medseg.data import sampling
 from medseg.data.datalist import SEGMENTATION, DatasetError, DatasetSpec, find_description, load_dataset
-from medseg.data.io import ImageReadError, is_nifti, read_image, spacing_from_affine
+from medseg.data.io import (
+    DEFAULT_MAX_VOXELS,
+    ImageReadError,
+    is_nifti,
+    read_header,
+    read_image,
+    spacing_from_affine,
+)
 
 
 @dataclass(frozen=True)
@@ -63,9 +70,11 @@ class _Image:
 
 
 def check_dataset(
-    root: str | Path, tolerance: float = 1e-3, progress: bool = False, spatial_dims: int | None = None
+    root: str | Path, tolerance: float = 1e-3, progress: bool = False, spatial_dims: int | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> list[Problem]:
-    """Check a dataset completely and report every problem found.
+    """Check a dataset completely and report every problem found (:func:`check_counted` also gives the number
+    of cases checked).
 
     Args:
         root: dataset folder (holding ``dataset.json``/``dataset.csv``) or the description file.
@@ -73,11 +82,20 @@ def check_dataset(
         progress: show a progress bar over the cases on stderr.
         spatial_dims: the dimensionality a training config expects (2 or 3): NIfTI files with other axes are
             reported (a 2D config needs 2D files, channels as separate files; a 3D one 3D or 4D channels-last).
+        max_voxels: the most voxels an image header may claim (checked before its voxels are read).
 
     Returns:
         The problems, in case order; an empty list when the dataset is fine.
     """
-    return _run_checks(root, tolerance, progress, spatial_dims)[0]
+    return check_counted(root, tolerance, progress, spatial_dims, max_voxels)[0]
+
+
+def check_counted(
+    root: str | Path, tolerance: float = 1e-3, progress: bool = False, spatial_dims: int | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> tuple[list[Problem], int]:
+    """:func:`check_dataset`'s problems and the number of cases checked (training and test)."""
+    return _run_checks(root, tolerance, progress, spatial_dims, max_voxels=max_voxels)
 
 
 def assert_dataset_ok(
@@ -86,14 +104,17 @@ def assert_dataset_ok(
     progress: bool = False,
     spatial_dims: int | None = None,
     shard: tuple[int, int] = (0, 1),
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    headers_only: bool = False,
 ) -> None:
     """Raise :class:`DataCheckError` (with the full report) when :func:`check_dataset` finds problems.
 
     With ``shard=(rank, world_size)`` this process checks only every ``world_size``-th case from ``rank``;
     when torch.distributed is running, the processes then share what they found, so each one raises the
-    same full report (and none waits forever for a process that stopped alone).
+    same full report (and none waits forever for a process that stopped alone). ``headers_only`` reads only
+    the headers (existence, readability, a claimed size the file can hold): what ``check_data: false`` keeps.
     """
-    problems, n_cases = _run_checks(root, tolerance, progress, spatial_dims, shard)
+    problems, n_cases = _run_checks(root, tolerance, progress, spatial_dims, shard, max_voxels, headers_only)
     if shard[1] > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         found: list[Any] = [None] * shard[1]
         torch.distributed.all_gather_object(found, (problems, n_cases))
@@ -120,6 +141,8 @@ def _run_checks(
     progress: bool,
     spatial_dims: int | None = None,
     shard: tuple[int, int] = (0, 1),
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    headers_only: bool = False,
 ) -> tuple[list[Problem], int]:
     """The problems of the dataset at ``root`` (of the cases of ``shard=(rank, world_size)``) and the number
     of cases checked."""
@@ -135,19 +158,21 @@ def _run_checks(
     rank, world_size = shard
     if not spec.training and rank == 0:
         problems.append(Problem(source, "no training cases (the 'training' list is empty)"))
-    checker = _CaseChecker(spec, tolerance, spatial_dims)
+    checker = _CaseChecker(spec, tolerance, spatial_dims, max_voxels)
     cases = [("training", c) for c in spec.training] + [("test", c) for c in spec.test]
     cases = sampling.shard(cases, rank, world_size)
     for where, case in tqdm(cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress):
-        problems += checker.check(case, where)
+        problems += _header_problems(case, max_voxels) if headers_only else checker.check(case, where)
     return problems, len(cases)
 
 
 class _CaseChecker:
     """Checks one case at a time; remembers the label dimensionality seen so far."""
 
-    def __init__(self, spec: DatasetSpec, tolerance: float, spatial_dims: int | None = None) -> None:
+    def __init__(self, spec: DatasetSpec, tolerance: float, spatial_dims: int | None = None,
+                 max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
         self.spec = spec
+        self.max_voxels = max_voxels
         self.tolerance = tolerance
         self.spatial_dims = spatial_dims
         self.spatial_ndim: int | None = spatial_dims
@@ -157,7 +182,7 @@ class _CaseChecker:
         problems: list[Problem] = []
         label: tuple[np.ndarray, np.ndarray] | None = None
         if self.spec.task == SEGMENTATION and isinstance(case["label"], str):
-            label = _read(case["label"], problems)
+            label = _read(case["label"], problems, self.max_voxels)
             if label is not None:
                 self.spatial_ndim = self.spatial_ndim or label[0].ndim
                 problems += self._label_values(case["label"], label[0])
@@ -166,7 +191,7 @@ class _CaseChecker:
         ndim = label[0].ndim if label is not None else self.spatial_ndim
         images = []
         for path in case["image"]:
-            loaded = _read(path, problems)
+            loaded = _read(path, problems, self.max_voxels)
             if loaded is not None:
                 images.append(_layout(path, loaded[0].shape, loaded[1], ndim))
                 problems += self._dimensionality(path, loaded[0].ndim)
@@ -273,16 +298,28 @@ class _CaseChecker:
         return []
 
 
+def _header_problems(case: dict[str, Any], max_voxels: int) -> list[Problem]:
+    """The files of ``case`` whose header is missing, unreadable or claims more than its file can hold."""
+    files = [*case["image"], *([case["label"]] if isinstance(case["label"], str) else [])]
+    problems = []
+    for path in files:
+        try:
+            read_header(path, max_voxels)
+        except ImageReadError as err:
+            problems.append(Problem(path, err.reason))
+    return problems
+
+
 def _description_problem(file: str, err: DatasetError) -> Problem:
     """A :class:`DatasetError` as a problem of the description file (without repeating the file name)."""
     message = str(err)
     return Problem(file, message[len(file) + 2 :] if message.startswith(f"{file}: ") else message)
 
 
-def _read(path: str, problems: list[Problem]) -> tuple[np.ndarray, np.ndarray] | None:
+def _read(path: str, problems: list[Problem], max_voxels: int) -> tuple[np.ndarray, np.ndarray] | None:
     """All voxels and the affine of ``path``; read errors and NaN/Inf voxels are appended to ``problems``."""
     try:
-        array, affine = read_image(path)
+        array, affine = read_image(path, max_voxels=max_voxels)
     except ImageReadError as err:
         problems.append(Problem(path, err.reason))
         return None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,9 @@ def find_description(root: str | Path) -> Path:
     for name in ("dataset.json", "dataset.csv"):
         if (root / name).is_file():
             return root / name
+    for path in (root, root / "dataset.json"):
+        if path.is_symlink() and not path.exists():
+            raise DatasetError(f"{path}: a symbolic link to nothing (or a symlink loop): {os.readlink(path)}")
     raise DatasetError(f"{root}: no dataset.json or dataset.csv found (is this the dataset root?)")
 
 
@@ -121,7 +125,11 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     Raises:
         DatasetError: naming the file, when the description is unreadable or lacks what is needed.
     """
-    source = find_description(root).resolve()
+    source = find_description(root)
+    try:
+        source = source.resolve()
+    except (OSError, RuntimeError) as err:
+        raise DatasetError(f"{source}: cannot resolve the path ({err})") from err
     if source.suffix.lower() == ".csv":
         return _load_csv(source)
     try:
@@ -230,13 +238,21 @@ def _case(entry: Any, source: Path, task: str, index: int, where: str) -> dict[s
                 raise DatasetError(f"{source}: {where}[{index}] ({images[0]}) label {label!r} is not a class index")
             label = int(label)
         else:
-            label = str((source.parent / str(label)).resolve())
+            label = _resolve(source, label, where, index)
     return {
         "id": str(entry.get("id") or case_id(images[0])),
-        "image": [str((source.parent / str(p)).resolve()) for p in images],
+        "image": [_resolve(source, p, where, index) for p in images],
         "label": label,
         "patient": None if entry.get("patient") is None else str(entry["patient"]),
     }
+
+
+def _resolve(source: Path, path: Any, where: str, index: int) -> str:
+    """The absolute path of a file the description names (relative to the description's folder)."""
+    try:
+        return str((source.parent / str(path)).resolve())
+    except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise DatasetError(f"{source}: {where}[{index}]: {path}: cannot resolve the path ({err})") from err
 
 
 def _load_csv(source: Path) -> DatasetSpec:

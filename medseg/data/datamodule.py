@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from medseg.data.augment import augment_collated, augmentation_transforms
 from medseg.data.checks import assert_dataset_ok
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
+from medseg.data.io import DEFAULT_MAX_VOXELS
 from medseg.data.sampling import (
     EpochSampler,
     EpochSeededDataset,
@@ -60,7 +61,10 @@ class MedSegDataModule(pl.LightningDataModule):
         augment_on_device: 3D only: apply the augmentation to each training batch after it reached the
             training device (the GPU) instead of in the loader, case by case, seeded as in the loader by
             ``(seed, epoch, case)``; frees loader CPUs when they are the bottleneck.
-        check_data: read every case and refuse bad data before training (see ``medseg check-data``).
+        check_data: read every case and refuse bad data before training (see ``medseg check-data``); with
+            ``false`` only the headers are read (files exist, and claim no more than they hold).
+        max_voxels: the most voxels an image header may claim; a larger claim (or one the file is too small
+            to hold) is refused before any of its voxels are read.
         seed: seed of the train/validation split, the training order and the augmentation; ``None`` (the
             default) takes the run's ``seed_everything``.
 
@@ -89,6 +93,7 @@ class MedSegDataModule(pl.LightningDataModule):
         augmentation: dict[str, dict[str, Any]] | None = None,
         augment_on_device: bool = False,
         check_data: bool = True,
+        max_voxels: int = DEFAULT_MAX_VOXELS,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -210,9 +215,11 @@ class MedSegDataModule(pl.LightningDataModule):
         rank, world_size = self._rank_and_world_size()
         if world_size > 1:
             self._check_distributed_options()
-        if self.hparams.check_data and not self._checked:
-            # Each process reads its shard of the files; all of them then stop with the full report.
-            assert_dataset_ok(self.spec.source, spatial_dims=self.spatial_dims, shard=(rank, world_size))
+        if not self._checked:
+            # Each process reads its shard of the files; all of them then stop with the full report. Without
+            # check_data, the headers are still checked: no file makes the loader allocate what it claims.
+            assert_dataset_ok(self.spec.source, spatial_dims=self.spatial_dims, shard=(rank, world_size),
+                              max_voxels=self.hparams.max_voxels, headers_only=not self.hparams.check_data)
             self._checked = True
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "fit", ("val",))
         for name in needed:

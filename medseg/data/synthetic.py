@@ -43,6 +43,22 @@ _NESTED_NAMES = ("outer", "middle", "inner")
 NESTED_REGIONS = {"whole": [1, 2, 3], "core": [2, 3], "inner": [3]}
 
 
+def write_forged_header(path: str | Path, shape: Sequence[int], payload: int = 8192) -> Path:
+    """An untrustworthy file for robustness tests: a ``.nii.gz`` whose header claims ``shape`` float32 voxels
+    but which holds only ``payload`` bytes of them (zeros)."""
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(tuple(shape))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + bytes(4) + bytes(payload))
+    return Path(path)
+
+
 def synthetic_affine(size: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
     """Voxel-to-world matrix of the phantoms: first axis flipped, anisotropic spacing, non-zero origin.
 
