@@ -9,3 +9,8 @@ class ResumeError(ValueError):
 
 class ConfigError(ValueError):
     """Options that cannot work together, found before anything runs."""
+
+
+class InputError(ValueError):
+    """An input file medseg cannot use (another dimensionality, NaN voxels, ...); ``str`` is
+    ``"<file>: <reason>"``."""

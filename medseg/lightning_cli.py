@@ -66,6 +66,19 @@ class MedSegCLI(LightningCLI):
         for source, target in DATA_TO_MODEL.items():
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then check a ``--ckpt_path`` file before Lightning reads it (it loads the checkpoint's
+        hyperparameters right after parsing): a truncated or unsafe file is refused naming it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path in (None, "best", "last", "hpc"):
+            return
+        path = Path(str(ckpt_path))
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
+        checkpoint_summary(path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]

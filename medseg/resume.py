@@ -26,6 +26,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from medseg.data.io import atomic_path, write_csv
+from medseg.errors import ResumeError
 
 # How a launching process (global rank 0) tells the DDP processes it starts which run folder it claimed.
 RUN_FOLDER_ENV = "MEDSEG_RUN_FOLDER"
@@ -140,8 +141,19 @@ def run_folder_of(checkpoint: Path) -> tuple[Path, int] | None:
 
 
 def checkpoint_summary(path: Path) -> dict[str, Any]:
-    """Epoch, step and medseg task of a checkpoint, read with ``weights_only=True`` (memory-mapped)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """Epoch, step and medseg task of a checkpoint, read with ``weights_only=True`` (memory-mapped).
+
+    Raises:
+        ResumeError: naming the file, when it is truncated, not a torch file, or holds pickled objects that
+            ``weights_only`` refuses to run.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ResumeError(f"{path}: not a loadable checkpoint ({type(err).__name__}: {reason})") from err
+    if not isinstance(checkpoint, dict):
+        raise ResumeError(f"{path}: not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
     return {k: checkpoint.get(k) for k in ("epoch", "global_step", "medseg_task", "hyper_parameters")}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -50,9 +51,11 @@ def test_three_shards_write_exactly_the_files_of_one_run(seg3d_checkpoint: Path,
                     "--shard", f"{k}/3") == 0
         done.append(int(capsys.readouterr().out.split("predicted ")[1].split(" ")[0]))
     assert done == [2, 2, 2]  # 6 cases: each predicted once
-    one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
-    parts = {p.name: p.read_bytes() for p in (tmp_path / "parts").iterdir()}
+    one = {p.name: p.read_bytes() for p in (tmp_path / "one").glob("*.nii.gz")}
+    parts = {p.name: p.read_bytes() for p in (tmp_path / "parts").glob("*.nii.gz")}
     assert sorted(parts) == sorted(one) and len(one) == 6
+    runs = json.loads((tmp_path / "parts" / "run.json").read_text())["runs"]
+    assert len(runs) == 1 and len(runs[0]["cases"]) == 6  # the three parts are one run of one model
     assert all(parts[name] == one[name] for name in one), "label maps differ byte for byte"
     assert _run("--ckpt", str(seg3d_checkpoint), "--input", images, "--output", str(tmp_path / "x"),
                 "--shard", "3/3") == 2

@@ -52,7 +52,8 @@ def run_benchmark(
                                      output / "training_curves.png")]
     if spec.task == SEGMENTATION:
         best = next(r["best"] for r in rows if r["metric"] == "dice")
-        images.append(report.overlay_montage(spec, output / best, tables[best], output / "montage.png"))
+        images.append(report.overlay_montage(spec, output / best, tables[best], output / "montage.png",
+                                             max_voxels=runs[best]["max_voxels"]))
     else:
         images.append(_roc_of_models(spec, output, names))
     tables_md = [
@@ -75,13 +76,15 @@ def _fold_ensemble_rows(spec: Any, runs: dict[str, dict[str, Any]], output: Path
     rows = []
     for name, run in runs.items():
         folder = output / name / "fold_ensemble_test"
-        options = PredictOptions(output=folder / "predictions", overwrite=True, device=run.get("device", "auto"))
+        options = PredictOptions(output=folder / "predictions", overwrite=True, device=run.get("device", "auto"),
+                                 max_voxels=run["max_voxels"])
         predict_batch(list(run["checkpoints"].values()), None, options,
                       cases=[{"id": c["id"], "image": c["image"]} for c in test])
         if spec.task == SEGMENTATION:
             regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
             summary = evaluate_segmentation(folder / "predictions", {c["id"]: c["label"] for c in test}, folder,
-                                            classes=[k for k in spec.labels if k > 0], regions=regions)
+                                            classes=[k for k in spec.labels if k > 0], regions=regions,
+                                            max_voxels=run["max_voxels"])
             values = {m: summary["foreground_mean"][m] for m in report.SEG_METRICS}
         else:
             summary = evaluate_classification(folder / "predictions", spec.source, folder)

@@ -93,12 +93,15 @@ def run_cv(
         log_dirs[k] = str(cli.trainer.log_dir)
         parameters = sum(p.numel() for p in cli.model.net.parameters())
         start = time.perf_counter()
-        # Segmentation writes one file per case, so every fold shares one folder; classification writes one
-        # table per run, so each fold has its own, merged below.
+        # Segmentation writes one file per case, so every fold shares one folder (its run.json lists each
+        # fold's model and cases); classification writes one table per run, so each fold has its own, merged
+        # below.
         target = output / "predictions" / ("" if spec.task == SEGMENTATION else f"fold_{k}")
         device = predict_device(cli.trainer)
+        max_voxels = cli.datamodule.hparams.max_voxels  # the images passed the data checks at this limit
         predict_batch(
-            [checkpoints[k]], None, PredictOptions(output=target, overwrite=True, device=device),
+            [checkpoints[k]], None, PredictOptions(output=target, overwrite=True, device=device, mix_models=True,
+                                                   max_voxels=max_voxels),
             cases=[{"id": i, "image": by_id[i]["image"]} for i in val],
         )
         timing["predict_seconds"] += time.perf_counter() - start
@@ -106,26 +109,27 @@ def run_cv(
     result: dict[str, Any] = {
         "config": str(config), "overrides": shlex.join(overrides), "strategy": strategy, "folds": len(splits),
         "checkpoints": checkpoints, "log_dirs": log_dirs, "parameters": parameters, "task": spec.task,
-        "device": device,
+        "device": device, "max_voxels": max_voxels,
         "train_seconds": timing["train_seconds"],
         "predict_seconds_per_case": timing["predict_seconds"] / max(timing["predicted_cases"], 1),
     }
     if fold is None:
         held_out = {i for split in splits for i in split["val"]}  # all cases, except with holdout
-        result["metrics"] = _evaluate_pooled(spec, output, held_out)
+        result["metrics"] = _evaluate_pooled(spec, output, held_out, max_voxels)
     with atomic_path(output / "cv.json") as tmp, open(tmp, "w") as handle:
         json.dump(result, handle, indent=2, default=str)
     return result
 
 
-def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str]) -> dict[str, Any]:
+def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str], max_voxels: int) -> dict[str, Any]:
     if spec.task == SEGMENTATION:
         classes = [k for k in spec.labels if k > 0]
         regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
         references = {c["id"]: c["label"] for c in spec.training if c["id"] in held_out}
-        summary = evaluate_segmentation(output / "predictions", references, output, classes=classes, regions=regions)
+        summary = evaluate_segmentation(output / "predictions", references, output, classes=classes, regions=regions,
+                                        max_voxels=max_voxels)
         if not regions:  # post-processing acts on label values; choosing it for regions is not done yet
-            _choose_postprocessing(spec, output, classes, held_out)
+            _choose_postprocessing(spec, output, classes, held_out, max_voxels)
         return summary["foreground_mean"]
     rows = []
     for table in sorted((output / "predictions").glob("fold_*/predictions.csv")):
@@ -142,12 +146,13 @@ def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str]) -> dic
     return metrics
 
 
-def _choose_postprocessing(spec: DatasetSpec, output: Path, classes: list[int], held_out: set[str]) -> None:
+def _choose_postprocessing(spec: DatasetSpec, output: Path, classes: list[int], held_out: set[str],
+                           max_voxels: int) -> None:
     """Pick post-processing on the out-of-fold predictions; write ``postprocessing.json`` (maybe empty)."""
     cases = []
     for case in (c for c in spec.training if c["id"] in held_out):
-        prediction, affine = read_image(output / "predictions" / f"{case['id']}.nii.gz")
-        reference, _ = read_image(case["label"])
+        prediction, affine = read_image(output / "predictions" / f"{case['id']}.nii.gz", max_voxels=max_voxels)
+        reference, _ = read_image(case["label"], max_voxels=max_voxels)
         cases.append(Case(prediction.round().astype(np.int16), reference.round().astype(np.int16),
                           spacing_from_affine(affine, reference.ndim)))
     steps, scores = choose_postprocessing(cases, classes)

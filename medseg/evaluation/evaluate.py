@@ -1,6 +1,7 @@
 """``medseg evaluate`` for segmentation: prediction folder + references -> per_case.csv, summary.csv/json.
 
-Cases present on one side only are reported (in the summary and on the console), never silently dropped.
+Cases present on one side only are reported (in the summary and on the console), never silently dropped. So are
+prediction voxels whose label value the truth does not declare (``undeclared_labels``): they score as background.
 A ``dataset.json`` that declares regions (overlapping sets of label values) is scored per region: the ``class``
 column then holds the region's name.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,14 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.data.datalist import case_id, load_dataset
-from medseg.data.io import atomic_path, is_image_file, read_image, spacing_from_affine, write_csv
+from medseg.data.io import (
+    DEFAULT_MAX_VOXELS,
+    atomic_path,
+    is_image_file,
+    read_image,
+    spacing_from_affine,
+    write_csv,
+)
 from medseg.metrics.segmentation import METRICS, case_metrics, region_metrics
 
 SUMMARY_STATS = ("mean", "std", "median", "n")
@@ -53,11 +62,13 @@ def evaluate_segmentation(
     empty_distance: float = float("nan"),
     classes: list[int] | None = None,
     regions: dict[str, list[int]] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict[str, Any]:
     """Score every prediction ``<pred>/<case>.nii.gz`` against its reference; write the tables.
 
     ``classes`` (foreground label values) overrides what the references declare or contain; ``regions``
     (name -> label values; default: what a ``dataset.json`` declares) scores regions instead of classes.
+    ``max_voxels`` bounds what an image header may claim.
 
     Returns:
         The summary dict written to ``summary.json``.
@@ -68,13 +79,20 @@ def evaluate_segmentation(
     regions = regions or declared_regions
     predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
     matched = sorted(set(references) & set(predictions))
+    declared_values = None if classes is None else {0, *classes}
     rows: list[dict[str, Any]] = []
+    predicted: dict[str, dict[float, int]] = {}  # voxels of each predicted value, per case
+    in_truth: set[float] = set()  # label values the reference files hold
     for case in tqdm(matched, desc="evaluating", unit="case"):
-        reference, affine = read_image(references[case])
-        prediction, pred_affine = read_image(predictions[case])
+        reference, affine = read_image(references[case], max_voxels=max_voxels)
+        prediction, pred_affine = read_image(predictions[case], max_voxels=max_voxels)
         if prediction.shape != reference.shape or not np.allclose(pred_affine, affine, atol=1e-3):
             raise ValueError(f"{predictions[case]}: grid {prediction.shape} does not match the reference "
                              f"{references[case]} {reference.shape} (shape or affine)")
+        values, counts = np.unique(prediction, return_counts=True)
+        predicted[case] = {float(v): int(n) for v, n in zip(values, counts, strict=True)}
+        if declared_values is None:
+            in_truth |= {float(v) for v in np.unique(reference)}
         spacing = spacing_from_affine(affine, reference.ndim)
         if regions:
             scores: dict[Any, dict[str, float]] = region_metrics(
@@ -88,12 +106,35 @@ def evaluate_segmentation(
     summary["missing_predictions"] = sorted(set(references) - set(predictions))
     summary["unmatched_predictions"] = sorted(set(predictions) - set(references))
     summary["conventions"] = _convention_counts(rows)
+    summary["undeclared_labels"] = _undeclared(predicted, declared_values, in_truth, predictions)
     output.mkdir(parents=True, exist_ok=True)
     write_csv(output / "per_case.csv", rows, ["case", "class", *METRICS])
     write_csv(output / "summary.csv", _summary_rows(summary), ["class", "metric", *SUMMARY_STATS])
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(_nan_to_none(summary), handle, indent=2)
     return summary
+
+
+def _undeclared(predicted: dict[str, dict[float, int]], declared: set[int] | None, in_truth: set[float],
+                files: dict[str, str]) -> dict[str, Any]:
+    """Predicted label values the truth does not declare, warned per file and counted.
+
+    With declared classes (a ``dataset.json``, or ``classes``), other values count as background in the scores.
+    With a folder of label files, the values those files hold are the declared ones; another value is scored
+    as a class of its own (Dice 0 where the truth has none).
+    """
+    allowed = {float(v) for v in declared} if declared is not None else in_truth
+    effect = "they count as background" if declared is not None else "they are scored as a class of their own"
+    by_case: dict[str, dict[str, int]] = {}
+    for case, counts in predicted.items():
+        extra = {v: n for v, n in counts.items() if v not in allowed}
+        if extra:
+            shown = sorted(int(v) if v.is_integer() else v for v in extra)
+            by_case[case] = {f"{v:g}": n for v, n in extra.items()}
+            print(f"warning: {files[case]}: label value(s) {shown} ({sum(extra.values())} voxel(s)) are not in the "
+                  f"truth's labels {sorted(int(v) if v.is_integer() else v for v in allowed)}; {effect}",
+                  file=sys.stderr)
+    return {"cases": len(by_case), "voxels": sum(sum(v.values()) for v in by_case.values()), "by_case": by_case}
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

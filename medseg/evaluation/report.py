@@ -12,7 +12,7 @@ import numpy as np
 from scipy import stats
 
 from medseg.data.datalist import SEGMENTATION, DatasetSpec
-from medseg.data.io import atomic_path, read_image
+from medseg.data.io import DEFAULT_MAX_VOXELS, atomic_path, read_image
 from medseg.evaluation.plots import pyplot, save_figure
 
 # metric -> higher is better
@@ -116,7 +116,8 @@ def training_curves(log_dirs: dict[str, list[str]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def overlay_montage(spec: DatasetSpec, cv_dir: Path, table: dict[str, dict[str, float]], path: Path) -> Path:
+def overlay_montage(spec: DatasetSpec, cv_dir: Path, table: dict[str, dict[str, float]], path: Path,
+                    max_voxels: int = DEFAULT_MAX_VOXELS) -> Path:
     """Best and worst cases by Dice: the slice with most reference foreground, outlines of reference/prediction."""
     from medseg.visualize import best_slice, overlay, save_montage
 
@@ -125,9 +126,9 @@ def overlay_montage(spec: DatasetSpec, cv_dir: Path, table: dict[str, dict[str, 
     by_id = {c["id"]: c for c in spec.training}
     tiles, titles = [], []
     for case in chosen:
-        image, _ = read_image(by_id[case]["image"][0])
-        truth, _ = read_image(by_id[case]["label"])
-        pred, _ = read_image(cv_dir / "predictions" / f"{case}.nii.gz")
+        image, _ = read_image(by_id[case]["image"][0], max_voxels=max_voxels)
+        truth, _ = read_image(by_id[case]["label"], max_voxels=max_voxels)
+        pred, _ = read_image(cv_dir / "predictions" / f"{case}.nii.gz", max_voxels=max_voxels)
         if image.ndim == 3:
             z = best_slice(truth)
             image, truth, pred = image[..., z], truth[..., z], pred[..., z]

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,21 @@ import torch
 from tqdm import tqdm
 
 from medseg.data.discovery import find_cases, shard_cases
-from medseg.data.io import spacing_from_affine
+from medseg.data.io import DEFAULT_MAX_VOXELS, ImageReadError, spacing_from_affine
+from medseg.errors import InputError
 from medseg.inference.cases import case_table, finish_table, pending_cases
 from medseg.inference.ensemble import combine
-from medseg.inference.native import LoadedModel, flip_sets, load_model
-from medseg.inference.pipeline import PRECISIONS, PreparedCase, classify, group_models, prepare_case, segment
+from medseg.inference.native import NONFINITE_MODES, LoadedModel, flip_sets, load_model
+from medseg.inference.output_folder import OutputFolder, checkpoint_facts
+from medseg.inference.pipeline import (
+    PRECISIONS,
+    PreparedCase,
+    classify,
+    group_models,
+    prepare_case,
+    segment,
+    window_dtype,
+)
 from medseg.inference.writers import CaseFiles, RowTable, write_case_maps
 
 
@@ -43,7 +53,10 @@ class PredictOptions:
 
     ``device`` is ``auto`` (CUDA when there is one), ``cpu`` or ``cuda[:N]``; ``precision`` is ``auto`` (the
     precision each checkpoint was trained at, on a GPU; float32 on the CPU), ``32``, ``16`` or ``bf16``;
-    ``shard`` is ``(K, N)``: predict part K (from 0) of N.
+    ``shard`` is ``(K, N)``: predict part K (from 0) of N; ``nonfinite`` is ``fail`` (a case with NaN/Inf
+    voxels fails, naming the file and the count) or ``zero`` (they are predicted as 0); ``max_voxels`` bounds
+    what an input header may claim; ``mix_models`` lets runs of different models share the output folder on
+    disjoint cases (cross-validation's out-of-fold predictions; see :mod:`medseg.inference.output_folder`).
     """
 
     output: Path
@@ -58,6 +71,9 @@ class PredictOptions:
     overwrite: bool = False
     resume: bool = False
     shard: tuple[int, int] | None = None
+    nonfinite: str = "fail"
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    mix_models: bool = False
 
 
 @dataclass
@@ -98,17 +114,41 @@ def predict_batch(
     _flips(models[0], options)
     if options.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {options.precision!r}")
+    if options.nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {list(NONFINITE_MODES)}, got {options.nonfinite!r}")
     options = replace(options, device=resolve_device(options.device))
     if cases is None:
         cases = find_cases(source, models[0].hparams["in_channels"], exclude=options.output)
     if options.shard is not None:
         cases = shard_cases(cases, *options.shard)
-    options.output.mkdir(parents=True, exist_ok=True)
+    # What the windows really run at ("auto" differs between a GPU and the CPU) is what a prediction depends on.
+    recorded = {**asdict(options), "precision_option": options.precision,
+                "precision": [str(window_dtype(options.precision, options.device, m.precision) or torch.float32)
+                              for m in models]}
+    folder = OutputFolder(options.output, checkpoint_facts(checkpoints), recorded,
+                          [case["id"] for case in cases], overwrite=options.overwrite, mix=options.mix_models)
+    with folder:
+        task = models[0].task
+        table = case_table(task, options)
+        _forget(folder.replaced, options, table)
+        todo, skipped = pending_cases(task, cases, options, table)
+        return _predict_cases(models, [str(c) for c in checkpoints], cases, todo, options, table, devices,
+                              PredictReport(skipped=skipped))
+
+
+def _forget(cases: set[str], options: PredictOptions, table: RowTable | None) -> None:
+    """Remove the outputs and rows of ``cases`` (an earlier run of another model that is being replaced)."""
+    for case in cases:
+        CaseFiles.of(case, options.output).remove()
+    if cases and table is not None:
+        table.rewrite(keep=lambda row: row["case"] not in cases)
+
+
+def _predict_cases(models: list[LoadedModel], paths: list[str], cases: list[dict[str, Any]],
+                   todo: list[dict[str, Any]], options: PredictOptions, table: RowTable | None, devices: int,
+                   report: PredictReport) -> PredictReport:
+    """Predict ``todo`` in this process or in ``devices`` worker processes; the table is finished after."""
     task = models[0].task
-    table = case_table(task, options)
-    todo, skipped = pending_cases(task, cases, options, table)
-    report = PredictReport(skipped=skipped)
-    paths = [str(c) for c in checkpoints]
     if devices <= 1:
         outcomes = [_run_cases(models, todo, options, table)]
     else:
@@ -170,7 +210,7 @@ def _run_cases(
     """Predict ``cases`` in this process. On an accelerator, case ``i + 1`` is read while case ``i`` is predicted
     and case ``i - 1`` is written; on the CPU these run in turn. A failing case does not stop the rest."""
     models = [model.to(options.device) for model in models]
-    groups = group_models(models)
+    groups = group_models(models, options.nonfinite)
     outcome = _Outcome()
     if not cases:
         return outcome
@@ -183,13 +223,13 @@ def _run_cases(
     else:
         reader, writer = _InTurn(deferred=True), _InTurn(deferred=False)
     with reader, writer:
-        upcoming = reader.submit(prepare_case, cases[0], groups)
+        upcoming = reader.submit(prepare_case, cases[0], groups, options.max_voxels)
         pending: tuple[dict[str, Any], Future, float] | None = None
         for i, case in enumerate(cases):
             start = time.perf_counter()
             current = upcoming
             if i + 1 < len(cases):
-                upcoming = reader.submit(prepare_case, cases[i + 1], groups)
+                upcoming = reader.submit(prepare_case, cases[i + 1], groups, options.max_voxels)
             try:
                 if options.overwrite:  # the old files go first: a kill now leaves the case unfinished, not mixed
                     CaseFiles.of(case["id"], options.output).remove()
@@ -306,7 +346,7 @@ def _collect(case: dict[str, Any], future: Future, start: float, options: Predic
 
 def _fail(case: dict[str, Any], err: BaseException, options: PredictOptions, outcome: _Outcome) -> None:
     CaseFiles.of(case["id"], options.output).remove()
-    message = f"{type(err).__name__}: {err}"
+    message = str(err) if isinstance(err, (InputError, ImageReadError)) else f"{type(err).__name__}: {err}"
     reason = message if str(case["image"][0]) in message else f"{case['image'][0]}: {message}"
     outcome.failed[case["id"]] = reason
     tqdm.write(f"{case['id']} FAILED: {reason}", file=sys.stderr)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +20,15 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
+from medseg.data.io import DEFAULT_MAX_VOXELS, is_nifti, read_header
 from medseg.data.transforms import Preprocessing, preprocess_transforms
+from medseg.errors import InputError
 from medseg.inference.outputs import OutputSpec
 from medseg.inference.window import Window
 from medseg.models import create_model
+
+NONFINITE_MODES = ("fail", "zero")
+logger = logging.getLogger("medseg")
 
 
 @dataclass
@@ -94,10 +101,58 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     return LoadedModel(net.to(device).eval(), hparams, task, ckpt.get("medseg_precision"))
 
 
-def preprocess_for(model: LoadedModel) -> mt.Compose:
-    """The checkpoint's preprocessing, image only (the same transforms training used)."""
+def preprocess_for(model: LoadedModel, nonfinite: str = "fail") -> mt.Compose:
+    """The checkpoint's preprocessing, image only (the same transforms training used), with
+    :class:`FiniteVoxels` right after loading."""
     spec = Preprocessing.from_dict(model.hparams.get("preprocessing_spec"))
-    return mt.Compose(preprocess_transforms(spec, model.task, model.hparams["spatial_dims"], keys=("image",)))
+    transforms = preprocess_transforms(spec, model.task, model.hparams["spatial_dims"], keys=("image",))
+    return mt.Compose([transforms[0], FiniteVoxels(nonfinite), *transforms[1:]])
+
+
+class NonFiniteError(InputError):
+    """NaN/Inf voxels: ``counts`` per channel (of ``size`` voxels each); :meth:`for_files` names the file."""
+
+    def __init__(self, counts: list[int], size: int) -> None:
+        self.counts, self.size = counts, size
+        super().__init__(self._reason(sum(counts), size * len(counts)))
+
+    def for_files(self, files: Sequence[str]) -> InputError:
+        """The error naming the file (the channel's own file when each channel has one)."""
+        channel = next(k for k, n in enumerate(self.counts) if n)
+        if len(files) == len(self.counts):
+            return InputError(f"{files[channel]}: {self._reason(self.counts[channel], self.size)}")
+        return InputError(f"{files[0]}: {self}")
+
+    @staticmethod
+    def _reason(count: int, size: int) -> str:
+        return f"{count} of {size} voxels are NaN or infinite; fix the image, or predict them as 0 with --nonfinite zero"
+
+
+class FiniteVoxels(mt.Transform):
+    """NaN/Inf voxels of a loaded image, before any transform spreads them (one NaN turns a z-score into NaN
+    everywhere, which predicts as background): ``fail`` refuses the case, ``zero`` sets them to 0 (logged).
+
+    Training never sees such voxels (the data checks refuse them), so nothing the model learned covers them.
+    """
+
+    def __init__(self, mode: str = "fail") -> None:
+        if mode not in NONFINITE_MODES:
+            raise ValueError(f"--nonfinite must be one of {list(NONFINITE_MODES)}, got {mode!r}")
+        self.mode = mode
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        x = data["image"]
+        if not torch.is_floating_point(x):
+            return data
+        bad = ~torch.isfinite(x)
+        count = int(bad.sum())
+        if count and self.mode == "fail":
+            raise NonFiniteError(bad.reshape(x.shape[0], -1).sum(dim=1).tolist(), x[0].numel())
+        if count:
+            x.masked_fill_(bad, 0.0)
+            source = getattr(x, "meta", {}).get("filename_or_obj", "image")
+            logger.warning("%s: %d NaN/infinite voxel(s) set to 0 (--nonfinite zero)", source, count)
+        return data
 
 
 def flip_sets(spatial_dims: int, axes: Sequence[int] | None = None) -> list[tuple[int, ...]]:
@@ -126,11 +181,39 @@ def predict_segmentation(model: LoadedModel, image: str | list[str], device: str
     return maps.labels.astype(np.int16)
 
 
+def check_files(model: LoadedModel, files: Sequence[str], max_voxels: int = DEFAULT_MAX_VOXELS) -> np.ndarray:
+    """Refuse, from the headers alone and before any transform, files the model cannot take.
+
+    Dimensionality and channels are read as MONAI's loaders read them: a NIfTI file's first three axes (its
+    only two, for a 2D file) are spatial and any further axes channels; a PNG/JPG is 2D, its colours channels.
+    Each header's claimed size is checked too (:func:`~medseg.data.io.check_claimed_size`).
+
+    Returns:
+        The ``(4, 4)`` affine of the first file (the grid the outputs are written on).
+
+    Raises:
+        ImageReadError / InputError: naming the file.
+    """
+    dims, expected = model.hparams["spatial_dims"], model.hparams["in_channels"]
+    channels, affine = 0, None
+    for file in files:
+        shape, file_affine = read_header(file, max_voxels)
+        affine = file_affine if affine is None else affine
+        spatial = shape[:3] if is_nifti(file) else shape[:2]
+        if len(spatial) != dims:
+            raise InputError(f"{file}: a {len(spatial)}D image, but the model is {dims}D (shape {tuple(shape)})")
+        channels += math.prod(shape[len(spatial):])
+    if channels != expected:
+        what = f"{len(files)} files with {channels} channel(s)" if len(files) > 1 else f"{channels} channel(s)"
+        raise InputError(f"{files[0]}: {what}, but the model expects {expected}")
+    return affine
+
+
 def check_input(model: LoadedModel, x: Any, image: str | Sequence[str]) -> None:
-    """Refuse, naming the file, an input whose dimensionality or channel count the model cannot take."""
+    """Refuse, naming the file, a preprocessed input whose dimensionality or channel count the model cannot take."""
     first = image if isinstance(image, str) else image[0]
     dims, channels = model.hparams["spatial_dims"], model.hparams["in_channels"]
     if x.ndim - 1 != dims:
-        raise ValueError(f"{first}: a {x.ndim - 1}D image, but the model is {dims}D")
+        raise InputError(f"{first}: a {x.ndim - 1}D image, but the model is {dims}D")
     if x.shape[0] != channels:
-        raise ValueError(f"{first}: {x.shape[0]} channel(s), but the model expects {channels}")
+        raise InputError(f"{first}: {x.shape[0]} channel(s), but the model expects {channels}")

@@ -23,11 +23,12 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from medseg.data.io import read_header
+from medseg.data.io import DEFAULT_MAX_VOXELS
 from medseg.data.transforms import Preprocessing
+from medseg.errors import InputError
 from medseg.inference.accumulate import CaseMaps, NativeAccumulator
 from medseg.inference.members import Layout, MemberWindows, autocast_for
-from medseg.inference.native import LoadedModel, check_input, preprocess_for
+from medseg.inference.native import LoadedModel, NonFiniteError, check_files, check_input, preprocess_for
 from medseg.inference.window import stitch
 
 PRECISIONS = ("auto", "32", "16", "bf16")
@@ -51,14 +52,15 @@ class ModelGroup:
         return self.models[0].preprocessing_key
 
 
-def group_models(models: Sequence[LoadedModel]) -> list[ModelGroup]:
-    """Group ``models`` by preprocessing spec and (segmentation) window, keeping their order."""
+def group_models(models: Sequence[LoadedModel], nonfinite: str = "fail") -> list[ModelGroup]:
+    """Group ``models`` by preprocessing spec and (segmentation) window, keeping their order; ``nonfinite``
+    (``fail`` or ``zero``) is what their preprocessing does with NaN/Inf voxels (:class:`FiniteVoxels`)."""
     groups: dict[tuple[str, Any], ModelGroup] = {}
     for model in models:
         window = model.window if model.task == "segmentation" else None
         key = (model.preprocessing_key, window, model.precision)
         if key not in groups:
-            groups[key] = ModelGroup([], preprocess_for(model))
+            groups[key] = ModelGroup([], preprocess_for(model, nonfinite))
         groups[key].models.append(model)
     return list(groups.values())
 
@@ -72,21 +74,46 @@ class PreparedCase:
     inputs: dict[str, Any]
 
 
-def prepare_case(case: dict[str, Any], groups: Sequence[ModelGroup]) -> PreparedCase:
+def prepare_case(case: dict[str, Any], groups: Sequence[ModelGroup],
+                 max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedCase:
     """Read and preprocess a case (``{"id", "image": [files]}``) once for every preprocessing spec.
 
+    The headers are checked first (:func:`~medseg.inference.native.check_files`: dimensionality, channels,
+    claimed size against the file and ``max_voxels``), so no transform runs on a file the models cannot take.
+
     Raises:
-        ImageReadError / ValueError: naming the file (unreadable, or an input the models cannot take).
+        ImageReadError / InputError: naming the file and the reason (for a transform that fails, the
+            innermost cause, not MONAI's wrapper).
     """
-    _, affine = read_header(case["image"][0])
+    affine = check_files(groups[0].models[0], case["image"], max_voxels)
     image = case["image"] if len(case["image"]) > 1 else case["image"][0]
     inputs: dict[str, Any] = {}
     for group in groups:
         if group.key not in inputs:
-            x = group.preprocess({"image": image})["image"]
+            try:
+                x = group.preprocess({"image": image})["image"]
+            except Exception as err:  # MONAI wraps the cause in "applying transform <...>"
+                cause = _innermost(err)
+                if isinstance(cause, NonFiniteError):
+                    raise cause.for_files(case["image"]) from err
+                raise InputError(f"{case['image'][0]}: {_reason(cause)}") from err
             check_input(group.models[0], x, case["image"])
             inputs[group.key] = x
     return PreparedCase(case, affine, inputs)
+
+
+def _innermost(err: BaseException) -> BaseException:
+    """The innermost cause of ``err`` (MONAI raises ``RuntimeError("applying transform ...") from`` it)."""
+    seen = {id(err)}
+    while err.__cause__ is not None and id(err.__cause__) not in seen:
+        err = err.__cause__
+        seen.add(id(err))
+    return err
+
+
+def _reason(err: BaseException) -> str:
+    """medseg's own message as it is, any other with its type."""
+    return str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
 
 
 def window_dtype(precision: str, device: str | torch.device, trained_at: str | None) -> torch.dtype | None:

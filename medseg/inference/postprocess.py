@@ -304,13 +304,16 @@ def load_postprocessing(source: str | Path | list[dict[str, Any]] | dict[str, An
     ):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"post-processing spec file not found: {path}")
+            raise FileNotFoundError(f"{path}: post-processing spec file not found")
         origin = str(path)
         text = path.read_text()
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            spec = yaml.safe_load(text)
+            try:
+                spec = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
         else:
             try:
                 spec = json.loads(text)

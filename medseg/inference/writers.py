@@ -17,19 +17,14 @@ import csv
 import io
 import os
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medseg.data.io import atomic_path, write_csv, write_nifti
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: tables are then written by one process only
-    fcntl = None  # type: ignore[assignment]
+from medseg.data.io import atomic_path, flocked, write_csv, write_nifti
 
 
 @dataclass(frozen=True)
@@ -95,19 +90,9 @@ class RowTable:
         self.path, self.key = Path(path), key
         self._lock_path = self.path.with_name(f".{self.path.name}.lock")
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> contextlib.AbstractContextManager[None]:
         """Hold the table's lock (exclusive across processes on this host and on lock-aware file systems)."""
-        if fcntl is None:
-            yield
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return flocked(self._lock_path)
 
     def rows(self) -> list[dict[str, str]]:
         """The complete rows, the last one of each case (no lock taken: call inside :meth:`locked` to be safe
