@@ -29,12 +29,15 @@ def find_cases(source: str | Path, in_channels: int, exclude: Path | None = None
 
     Raises:
         FileNotFoundError: no such source, or a folder without images.
-        ValueError: two cases would get the same id (their outputs would overwrite each other).
+        ValueError: a description without cases, or two cases that would get the same id (their outputs would
+            overwrite each other).
     """
     source = Path(source)
     if source.is_file() and not is_image_file(source):
         spec = load_dataset(source)
         cases = [{"id": c["id"], "image": list(c["image"])} for c in (spec.test or spec.training)]
+        if not cases:
+            raise ValueError(f"{source}: no cases to predict (its 'test' and 'training' lists are empty)")
     elif source.is_dir():
         if exclude is not None and exclude.resolve() == source.resolve():
             raise ValueError(f"{source}: the output folder is the input folder; give another --output, so "
