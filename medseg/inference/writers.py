@@ -8,6 +8,8 @@ Output folder of ``medseg predict``::
     uncertainty/<case>_entropy.nii.gz, <case>_variance.nii.gz      --save-uncertainty
     uncertainty.csv                  --save-uncertainty: case, doubt, members (sorted by doubt at the end)
     predictions.csv                  classification: case, prediction, p_<class>...
+    run.json                         which checkpoints (SHA-256) and options made the predictions, and their cases
+    .medseg-predict.<host>.<pid>.lock   one per running writer (see medseg.inference.output_folder)
 """
 
 from __future__ import annotations
