@@ -28,6 +28,7 @@ commands:
   demo            make a synthetic 3D dataset, train a small 3D U-Net, report held-out Dice
   make-synthetic  write a synthetic Decathlon-style dataset
   check-data      read every case of a dataset and report every problem
+  plan            derive a commented training config from a dataset's fingerprint
 
 Run `medseg COMMAND --help` for the options of a command.
 """
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_lightning(argv)
         commands = {
             "predict": _predict, "evaluate": _evaluate, "cv": _cv, "benchmark": _benchmark, "demo": _demo,
-            "make-synthetic": _make_synthetic, "check-data": _check_data,
+            "make-synthetic": _make_synthetic, "check-data": _check_data, "plan": _plan,
         }
         if command in commands:
             return commands[command](rest)
@@ -358,6 +359,35 @@ def _count(text: str) -> int:
     if not value.is_integer() or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number (e.g. 2000000000 or 2e9)")
     return int(value)
+
+
+def _plan(argv: list[str]) -> int:
+    from medseg.plan.fingerprint import fingerprint_dataset
+    from medseg.plan.planner import make_plan, write_config
+
+    parser = argparse.ArgumentParser(prog="medseg plan", description=_doc("plan"))
+    parser.add_argument("dataset", help="dataset folder (with dataset.json) or the description file")
+    parser.add_argument("--out", default=None, help="config to write (default DATASET/plans/<dims>d.yaml)")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=None, help="default: the images' own")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                        help="memory budget of the patch (default: 80%% of the GPU's, or a CPU step budget)")
+    parser.add_argument("--max-time", default=None, metavar="DD:HH:MM:SS",
+                        help="wall time of training; the learning rate anneals over it")
+    parser.add_argument("--network", default="planned_unet", help="planned_unet (default) or unet")
+    _max_voxels_option(parser)
+    args = parser.parse_args(argv)
+    fingerprint = fingerprint_dataset(args.dataset, max_voxels=args.max_voxels)
+    dims = args.dims or fingerprint.spacings.shape[1]
+    plan = make_plan(fingerprint, dims, args.gpu_memory, args.max_time, args.network)
+    out = Path(args.out) if args.out else fingerprint.spec.root / "plans" / f"{dims}d.yaml"
+    command = " ".join(["medseg plan", *argv])
+    write_config(plan, out, [f"Planned by `{command}` from {fingerprint.spec.source}.",
+                             "Every derived value has its reason beside it; run it with medseg fit --config FILE."])
+    width = max(len(row[0]) for row in plan.table)
+    for name, found, decided in plan.table:
+        print(f"{name:<{width}}  {found:<24}  {decided}")
+    print(f"wrote {out}: medseg fit --config {out}")
+    return 0
 
 
 def _max_voxels_option(parser: argparse.ArgumentParser) -> None:

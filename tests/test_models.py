@@ -22,6 +22,7 @@ from medseg.models import (
 
 MODELS = list_models()
 SHARED_OPTIONS = ("channels", "depth", "base_channels", "norm", "act", "dropout")
+WIDTH_OPTIONS = ("base_channels", "features")  # top-level width, by the names models take it
 SIZE = 32  # divisible by 2**4 (unetpp) with > 1 voxel at its bottleneck (instance norm)
 
 
@@ -29,8 +30,9 @@ def tiny(name: str, **overrides: Any) -> dict[str, Any]:
     """Smallest sensible options for ``name``: base width 4 and depth 2 where the model takes them."""
     accepted = model_kwargs(name)
     kwargs: dict[str, Any] = {}
-    if "base_channels" in accepted:
-        kwargs["base_channels"] = 4
+    for width in WIDTH_OPTIONS:
+        if width in accepted:
+            kwargs[width] = 4
     if "depth" in accepted:
         kwargs["depth"] = 2
     kwargs.update(overrides)
@@ -59,7 +61,7 @@ def expected_shape(name: str, x: torch.Tensor, out_channels: int) -> tuple[int, 
 
 def test_registry_lists_models_by_task() -> None:
     seg, cls = list_models("segmentation"), list_models("classification")
-    assert {"unet", "unetpp", "attention_unet"} <= set(seg)
+    assert {"unet", "unetpp", "attention_unet", "planned_unet"} <= set(seg)
     assert {"cnn3d", "resnet18", "resnet34", "resnet50"} <= set(cls)
     assert sorted(seg + cls) == MODELS
     assert all(model_task(n) == "segmentation" for n in seg)
@@ -180,11 +182,13 @@ def test_dropout_option_adds_dropout(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_depth_and_width_change_parameter_count(name: str) -> None:
     accepted = model_kwargs(name)
-    assert "channels" in accepted
+    assert "channels" in accepted or get_model_spec(name).unsupported.get("channels")
+    widths = [option for option in ("channels", *WIDTH_OPTIONS) if option in accepted]
+    assert widths, f"{name}: no option sets its widths"
     if "depth" in accepted:
         assert n_params(build(name, depth=1)) < n_params(build(name, depth=2))
-    if "base_channels" in accepted:
-        assert n_params(build(name, base_channels=4)) < n_params(build(name, base_channels=8))
+    for width in set(widths) & set(WIDTH_OPTIONS):
+        assert n_params(build(name, **{width: 4})) < n_params(build(name, **{width: 8}))
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.ndimage import binary_dilation, binary_erosion
 
 from medseg.data.datalist import load_dataset
 from medseg.data.io import read_image, spacing_from_affine
@@ -155,7 +157,18 @@ def test_load_dataset_reads_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"dims": 4}, {"task": "detection"}, {"classes": 1}, {"size": (16, 16)}, {"cases": 0}, {"seed": -1}],
+    [
+        {"dims": 4},
+        {"task": "detection"},
+        {"classes": 1},
+        {"size": (16, 16)},
+        {"cases": 0},
+        {"seed": -1},
+        {"modality": "pet"},
+        {"modality": "ct", "channels": 2},
+        {"structure_scale": 0.0},
+        {"structure_scale": 3.0},
+    ],
 )
 def test_bad_arguments_raise(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError, match="make_synthetic"):
@@ -165,3 +178,99 @@ def test_bad_arguments_raise(tmp_path: Path, kwargs: dict) -> None:
 def test_too_many_structures_for_the_size_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot fit"):
         make_synthetic(tmp_path, cases=1, classes=40, size=(8, 8, 4))
+
+
+def test_default_phantom_is_pinned(tmp_path: Path) -> None:
+    """The default (MRI, scale 1) output stays what it was before the CT and structure-size options."""
+    make_synthetic(tmp_path, cases=2, size=SMALL, seed=3)
+    pinned = [
+        (41, "4ef9f6b54d75ed89", 531585.124206543, 167.19026, 217.74324),
+        (42, "019f528f038aac35", 540621.4518432617, 974.8837, 276.9137),
+    ]
+    for i, (count, digest, total, centre, corner) in enumerate(pinned):
+        label, _ = read_image(tmp_path / f"labelsTr/case_00{i}.nii.gz")
+        image, _ = read_image(tmp_path / f"imagesTr/case_00{i}.nii.gz")
+        assert int((label > 0).sum()) == count
+        assert (
+            hashlib.sha256(np.ascontiguousarray(label.astype(np.uint8)).tobytes()).hexdigest()[:16] == digest
+        )
+        assert float(image.astype(np.float64).sum()) == pytest.approx(total, rel=1e-6)
+        assert float(image[8, 8, 4]) == pytest.approx(centre, abs=1e-3)
+        assert float(image[0, 0, 0]) == pytest.approx(corner, abs=1e-3)
+
+
+def _corners_xy(shape: tuple[int, ...], width: int = 3) -> np.ndarray:
+    """Mask of the four ``width x width`` corner columns of the x-y plane (outside any centred body ellipse)."""
+    mask = np.zeros(shape, dtype=bool)
+    for xs in (slice(0, width), slice(shape[0] - width, shape[0])):
+        for ys in (slice(0, width), slice(shape[1] - width, shape[1])):
+            mask[xs, ys] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "hu"),
+    [
+        ({"classes": 3, "size": (40, 40, 16)}, {1: 200.0, 2: 100.0}),  # largest structure brightest
+        ({"classes": 4, "dims": 2, "size": (64, 64)}, {1: 200.0, 2: 150.0, 3: 100.0}),
+        ({"regions": True, "size": (48, 48, 20)}, {1: 100.0, 2: 150.0, 3: 200.0}),  # rising to the core
+    ],
+)
+def test_ct_air_body_and_structures_at_their_hu(tmp_path: Path, kwargs: dict, hu: dict) -> None:
+    path = make_synthetic(tmp_path, cases=4, modality="ct", **kwargs)
+    meta = _meta(path)
+    assert meta["channel_names"] == {"0": "CT"}
+    assert load_dataset(tmp_path).in_channels == 1
+    for case in meta["training"]:
+        image, _ = read_image(tmp_path / case["image"])
+        label, _ = read_image(tmp_path / case["label"])
+        label = label.astype(int)
+        assert set(np.unique(label)) == {0, *hu}
+        assert image.min() >= -1024.0
+        air = image[_corners_xy(image.shape)]
+        assert abs(float(air.mean()) + 1000.0) < 5.0 and float(air.max()) < -900.0  # air, noise ~20 HU
+        body = image > -500.0
+        assert 0.3 < body.mean() < 0.8  # a body with air around it
+        # soft tissue: body voxels well away from the air and from every structure
+        plane = np.zeros((3,) * image.ndim, dtype=bool)
+        plane[(slice(None), slice(None), *[1] * (image.ndim - 2))] = True  # x-y neighbours only
+        tissue = binary_erosion(body, plane, iterations=2) & ~binary_dilation(label > 0, plane, iterations=2)
+        assert abs(float(image[tissue].mean()) - 40.0) < 5.0
+        assert 12.0 < float(image[tissue].std()) < 30.0  # the noise, no bias field
+        for k, value in hu.items():
+            core = (
+                binary_erosion(label == k, plane) if (binary_erosion(label == k, plane)).any() else label == k
+            )
+            assert abs(float(np.median(image[core])) - value) < 15.0, (case["image"], k)
+        # every structure lies inside the body: its voxels and their x-y neighbours are not air
+        cross = np.zeros((3,) * image.ndim, dtype=bool)
+        cross[(slice(None), 1, *[1] * (image.ndim - 2))] = True
+        cross[(1, slice(None), *[1] * (image.ndim - 2))] = True
+        assert body[binary_dilation(label > 0, cross)].all()
+
+
+def test_ct_classification_blobs_inside_the_body(tmp_path: Path) -> None:
+    path = make_synthetic(tmp_path, cases=3, classes=3, task="cls", modality="ct", size=(32, 32, 16))
+    assert _meta(path)["channel_names"] == {"0": "CT"}
+    for i in range(3):
+        image, _ = read_image(tmp_path / f"imagesTr/case_00{i}.nii.gz")
+        assert abs(float(image[_corners_xy(image.shape)].mean()) + 1000.0) < 5.0
+        assert float(image.max()) > 100.0 + 50.0 * i  # blobs from 100 HU (class 0) to 200 HU (class 2)
+
+
+def test_structure_scale_shrinks_the_foreground_by_its_cube(tmp_path: Path) -> None:
+    def foreground(root: Path, **kwargs: object) -> float:
+        make_synthetic(root, cases=6, classes=3, size=(64, 64, 32), **kwargs)
+        shares = []
+        for i in range(6):
+            label, _ = read_image(root / f"labelsTr/case_00{i}.nii.gz")
+            assert set(np.unique(label).astype(int)) == {0, 1, 2}  # every structure still there
+            shares.append(float((label > 0).mean()))
+        return float(np.mean(shares))
+
+    full = foreground(tmp_path / "full")
+    for scale in (0.4, 0.7):
+        ratio = foreground(tmp_path / f"scale{scale}", structure_scale=scale) / full
+        assert 0.6 * scale**3 < ratio < 1.5 * scale**3, (scale, ratio)
+    ct = foreground(tmp_path / "ct_small", modality="ct", structure_scale=0.4) / full
+    assert 0.6 * 0.4**3 < ct < 1.5 * 0.4**3

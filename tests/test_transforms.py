@@ -59,7 +59,7 @@ def test_from_dict_defaults_and_round_trip() -> None:
         "resize": None,
     }
     plain = Preprocessing.from_dict(spec).to_dict()
-    assert plain == {**spec, "ct_window": [-200.0, 300.0]}  # plain lists, so YAML/checkpoints keep it
+    assert plain == {**spec, "ct_window": [-200.0, 300.0], "clip": None, "zscore": None}  # plain lists for YAML
     assert Preprocessing.from_dict(plain) == Preprocessing.from_dict(plain)
 
 

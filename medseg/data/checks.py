@@ -1,5 +1,9 @@
 """Dataset checks run before training: every case is read in full and every problem is reported with its file.
 
+Results are cached per case in ``DATASET/fingerprint.json`` (shared with ``medseg plan``), valid while the case's
+files keep their path, size and modification time and the description and settings stay the same: `fit`, `cv`
+and `benchmark` read a file's voxels again only after it changed.
+
 What is checked: the description (``dataset.json``/CSV) loads and lists training cases; every image and label file
 exists and reads (not truncated); no NaN/Inf voxels; the channel count matches ``channel_names`` (channel files,
 a 4D NIfTI's last axis, a colour PNG); channel files of a case agree in shape and geometry; labels match their
@@ -13,6 +17,8 @@ without one; 3 for datasets without label files); any further axes hold channels
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from medseg.data import sampling
+from medseg.data.cache import CACHE_FILE, DatasetCache
 from medseg.data.datalist import SEGMENTATION, DatasetError, DatasetSpec, find_description, load_dataset
 from medseg.data.io import (
     DEFAULT_MAX_VOXELS,
@@ -161,9 +168,30 @@ def _run_checks(
     checker = _CaseChecker(spec, tolerance, spatial_dims, max_voxels)
     cases = [("training", c) for c in spec.training] + [("test", c) for c in spec.test]
     cases = sampling.shard(cases, rank, world_size)
+    cache = DatasetCache(spec.root / CACHE_FILE)
+    context = _context(spec, tolerance, spatial_dims, max_voxels, headers_only)
     for where, case in tqdm(cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress):
-        problems += _header_problems(case, max_voxels) if headers_only else checker.check(case, where)
+        labelled = isinstance(case["label"], str)
+        # A case without a label file takes its layout from the labels seen before it (see the module docstring).
+        key = f"checks/{context}/{where}/{case['id']}" + ("" if labelled else f"/{checker.spatial_ndim}")
+        files = [*case["image"], *([case["label"]] if labelled else [])]
+        cached = cache.get(key, files)
+        if cached is not None:  # the files are as they were when checked with these settings
+            problems += [Problem(*problem) for problem in cached["problems"]]
+            checker.spatial_ndim = checker.spatial_ndim or cached["label_ndim"]
+            continue
+        found = _header_problems(case, max_voxels) if headers_only else checker.check(case, where)
+        cache.put(key, files, {"problems": [[p.file, p.message] for p in found], "label_ndim": checker.spatial_ndim})
+        problems += found
+    cache.save()
     return problems, len(cases)
+
+
+def _context(spec: DatasetSpec, *settings: Any) -> str:
+    """A digest of what a case's check result depends on besides its files: the description's declarations
+    and the check settings."""
+    described = [spec.task, spec.labels, spec.channel_names, spec.regions, settings]
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class _CaseChecker:

@@ -15,6 +15,18 @@ to 100% of the largest) and brightness also rise with ``k``: redundant cues (blo
 bright volume, seen globally; intensity, for unnormalised inputs) on the same noisy, bias-field-modulated
 background. A ResNet18 learns it in a few epochs from 16 cases, where blob count alone proved too slow to learn.
 
+CT (``modality="ct"``): Hounsfield units instead of arbitrary MRI units. Air (-1000 HU) surrounds a body: an
+ellipsoid centred in the field of view, 76-92% of the image wide in x and y and, in 3D, longer than the image
+along z, so every slice cuts through it (an ellipse in 2D). The body is soft tissue at 40 HU; the structures lie
+wholly inside it, segmentation classes from 200 HU (the largest) down to 100 HU, nested regions at 100/150/200 HU
+and classification blobs from 100 to 200 HU with the class. The image gets the same partial-volume blur and
+Gaussian noise of 20 HU, no bias field, and is clipped below at -1024 HU as scanners do. ``channel_names`` is
+``{"0": "CT"}``; CT phantoms have one channel.
+
+Structure size (``structure_scale``): multiplies the radii of the structures (segmentation ellipsoids, nested
+regions, classification blobs), e.g. 0.4 for small, lesion-like structures (about 0.4**3 = 6% of the foreground
+volume in 3D). No axis gets shorter than the coarsest voxel spacing.
+
 Geometry is deliberately not trivial: the affine flips the first axis (LPS-like, negative x), has a non-zero
 origin and anisotropic spacing (3D default ``(1, 1, 2)`` mm), and the structures are round in millimetres, so
 their radii in voxels differ along z.
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +53,12 @@ _BACKGROUND_LEVEL = 0.25
 _NOISE_SIGMA = 0.04  # relative to the brightest class level (1.0)
 _GAIN = 1000.0  # arbitrary "MRI units"
 _NESTED_NAMES = ("outer", "middle", "inner")
+MODALITIES = ("mri", "ct")
+_AIR_HU = -1000.0
+_SOFT_TISSUE_HU = 40.0
+_CT_NOISE_HU = 20.0
+_CT_FLOOR_HU = -1024.0  # scanners clip there
+_STRUCTURE_HU = (200.0, 100.0)  # largest structure / smallest structure (or lowest class)
 NESTED_REGIONS = {"whole": [1, 2, 3], "core": [2, 3], "inner": [3]}
 
 
@@ -94,6 +113,8 @@ def make_synthetic(
     test_cases: int = 0,
     spacing: Sequence[float] | None = None,
     regions: bool = False,
+    modality: str = "mri",
+    structure_scale: float = 1.0,
 ) -> Path:
     """Write a synthetic dataset (images, labels, ``dataset.json``) under ``out``.
 
@@ -117,6 +138,9 @@ def make_synthetic(
         test_cases: cases written to ``imagesTs`` and listed under ``"test"`` (with their labels).
         spacing: voxel size in mm, default ``(1.0, 1.0, 2.0)`` in 3D and ``(0.8, 0.8)`` in 2D.
         regions: segmentation with nested structures and overlapping regions (``classes`` is then 4).
+        modality: ``"mri"`` (arbitrary units, bias field) or ``"ct"`` (Hounsfield units: air around a soft-tissue
+            body that holds the structures; one channel, named ``"CT"``).
+        structure_scale: factor on the structures' radii, e.g. 0.4 for small (lesion-like) structures.
 
     Returns:
         Path of the written ``dataset.json``.
@@ -143,29 +167,48 @@ def make_synthetic(
         raise ValueError(
             "make_synthetic: need cases >= 1, test_cases >= 0, classes >= 2, channels >= 1, seed >= 0"
         )
+    if modality not in MODALITIES:
+        raise ValueError(f"make_synthetic: unknown modality {modality!r}; use 'mri' or 'ct'")
+    if modality == "ct" and channels != 1:
+        raise ValueError("make_synthetic: CT phantoms have one channel")
+    if not 0.0 < structure_scale <= 2.0:
+        raise ValueError(f"make_synthetic: structure_scale must be in (0, 2], got {structure_scale}")
 
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     affine = synthetic_affine(size, spacing)
-    training = []
-    for i in range(cases):
-        entry = _write_case(root, "Tr", i, task, classes, size, spacing, channels, seed, affine, regions)
-        training.append({**entry, "patient": f"p{i // 2:03d}"})
-    test = [
-        _write_case(root, "Ts", cases + i, task, classes, size, spacing, channels, seed, affine, regions)
-        for i in range(test_cases)
-    ]
+    write_case = partial(
+        _write_case,
+        task=task,
+        classes=classes,
+        size=size,
+        spacing=spacing,
+        channels=channels,
+        seed=seed,
+        affine=affine,
+        regions=regions,
+        modality=modality,
+        structure_scale=structure_scale,
+    )
+    training = [{**write_case(root, "Tr", i), "patient": f"p{i // 2:03d}"} for i in range(cases)]
+    test = [write_case(root, "Ts", cases + i) for i in range(test_cases)]
     label_names = ["background"] + [f"structure{k}" for k in range(1, classes)]
     if task == CLASSIFICATION:
         label_names = [f"class{k}" for k in range(classes)]
     if regions:
         label_names = ["background", *_NESTED_NAMES]
+    description = f"medseg synthetic {dims}D {task} phantoms (seed {seed})"
+    if modality != "mri" or structure_scale != 1.0:
+        description += f" ({modality.upper()}, structure scale {structure_scale:g})"
+    channel_names = {str(c): "MRI" if channels == 1 else f"MRI{c}" for c in range(channels)}
+    if modality == "ct":
+        channel_names = {"0": "CT"}
     meta = {
         "name": "synthetic",
-        "description": f"medseg synthetic {dims}D {task} phantoms (seed {seed})",
+        "description": description,
         "task": task,
         "labels": {str(k): name for k, name in enumerate(label_names)},
-        "channel_names": {str(c): "MRI" if channels == 1 else f"MRI{c}" for c in range(channels)},
+        "channel_names": channel_names,
         "file_ending": ".nii.gz",
         "spacing": list(spacing),
         "numTraining": cases,
@@ -193,6 +236,8 @@ def _write_case(
     seed: int,
     affine: np.ndarray,
     regions: bool = False,
+    modality: str = "mri",
+    structure_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Make and write case ``index`` (its randomness depends only on ``seed`` and ``index``).
 
@@ -201,22 +246,32 @@ def _write_case(
     """
     rng = np.random.default_rng([seed, index])
     name = f"case_{index:03d}"
+    body = _body(rng, size, spacing) if modality == "ct" else None
     if regions:
-        label_map = _nested(rng, size, spacing)
+        label_map = _nested(rng, size, spacing, structure_scale, body)
         levels = np.array([_BACKGROUND_LEVEL, 0.5, 0.75, 1.0])
+        hu = [100.0, 150.0, 200.0]  # rising towards the core, as the MRI levels
         target = f"labels{split}/{name}.nii.gz"
         write_nifti(label_map, affine, root / target, dtype=np.uint8)
     elif task == SEGMENTATION:
-        label_map = _place_and_rasterize(rng, size, spacing, _segmentation_radii(size, spacing, classes))
+        radii = [r * structure_scale for r in _segmentation_radii(size, spacing, classes)]
+        label_map = _place_and_rasterize(rng, size, spacing, radii, body)
         levels = np.array([_BACKGROUND_LEVEL, *np.linspace(1.0, 0.5, classes - 1)])  # largest is brightest
+        hu = list(np.linspace(*_STRUCTURE_HU, classes - 1))
         target: Any = f"labels{split}/{name}.nii.gz"
         write_nifti(label_map, affine, root / target, dtype=np.uint8)
     else:
         target = index % classes
-        radius = _classification_radius(size, spacing, classes, target)
+        radius = _classification_radius(size, spacing, classes, target) * structure_scale
         radii = [radius * rng.uniform(0.95, 1.05) for _ in range(target + 1)]
-        label_map = np.minimum(_place_and_rasterize(rng, size, spacing, radii), 1)
+        label_map = np.minimum(_place_and_rasterize(rng, size, spacing, radii, body), 1)
         levels = np.array([_BACKGROUND_LEVEL, 0.65 + 0.35 * target / max(classes - 1, 1)])
+        hu = [_STRUCTURE_HU[1] + (_STRUCTURE_HU[0] - _STRUCTURE_HU[1]) * target / max(classes - 1, 1)]
+    if body is not None:
+        rel = f"images{split}/{name}.nii.gz"
+        body_mask = _rasterize(size, np.asarray(spacing, dtype=np.float64), [body]) > 0
+        write_nifti(_render_ct(rng, label_map, body_mask, np.array(hu)), affine, root / rel, dtype=np.float32)
+        return {"image": rel, "label": target}
     bias = _bias_field(rng, size)
     files = []
     for c in range(channels):
@@ -234,17 +289,35 @@ def _segmentation_radii(size: Sequence[int], spacing: Sequence[float], classes: 
     return [float(f * extent) for f in fractions]
 
 
-def _nested(rng: np.random.Generator, size: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+def _nested(
+    rng: np.random.Generator,
+    size: Sequence[int],
+    spacing: Sequence[float],
+    structure_scale: float = 1.0,
+    body: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Three nested ellipsoids, labelled 1 (outer) to 3 (inner): ``(X, Y[, Z])`` uint8.
 
-    The outer one's semi-axes are 22-30% of the smallest extent; the middle and inner ones are 60% and 30% of
-    their parent, centred within it with a small random offset, so each stays inside its parent.
+    The outer one's semi-axes are 22-30% of the smallest extent (times ``structure_scale``); the middle and inner
+    ones are 60% and 30% of their parent, centred within it with a small random offset, so each stays inside its
+    parent. With a ``body`` (centre, semi-axes in mm) the outer one lies inside it.
     """
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     extent = np.asarray(size) * spacing_arr
-    axes = np.maximum(0.26 * extent.min() * rng.uniform(0.85, 1.15, size=len(size)), 3 * spacing_arr.max())
+    axes = np.maximum(
+        0.26 * extent.min() * structure_scale * rng.uniform(0.85, 1.15, size=len(size)), 3 * spacing_arr.max()
+    )
     gap = float(spacing_arr.max())
     centre = rng.uniform(axes + gap, extent - spacing_arr - axes - gap)
+    if body is not None:
+        for _try in range(500):
+            if _inside(body, centre, axes, gap):
+                break
+            centre = rng.uniform(axes + gap, extent - spacing_arr - axes - gap)
+        else:
+            raise ValueError(
+                f"make_synthetic: cannot fit the nested structures into the body of size {tuple(size)}"
+            )
     blobs = [(centre, axes)]
     for share in (0.6, 0.5):
         parent_centre, parent_axes = blobs[-1]
@@ -264,7 +337,11 @@ def _classification_radius(size: Sequence[int], spacing: Sequence[float], classe
 
 
 def _place_and_rasterize(
-    rng: np.random.Generator, size: Sequence[int], spacing: Sequence[float], radii: Sequence[float]
+    rng: np.random.Generator,
+    size: Sequence[int],
+    spacing: Sequence[float],
+    radii: Sequence[float],
+    body: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Non-overlapping ellipsoids labelled ``1..len(radii)`` in order.
 
@@ -273,6 +350,7 @@ def _place_and_rasterize(
         size: spatial shape ``(X, Y[, Z])``.
         spacing: voxel size in mm.
         radii: mean radius in mm of each ellipsoid.
+        body: ``(centre, semi-axes)`` in mm of an ellipsoid every structure must lie inside (CT), or ``None``.
 
     Returns:
         ``(X, Y[, Z])`` uint8 label map; every ellipsoid covers at least one voxel.
@@ -290,7 +368,9 @@ def _place_and_rasterize(
                 break
             for _try in range(200):
                 centre = rng.uniform(low, high)
-                if all(np.linalg.norm(centre - c) > axes.max() + a.max() + gap for c, a in blobs):
+                if all(np.linalg.norm(centre - c) > axes.max() + a.max() + gap for c, a in blobs) and (
+                    body is None or _inside(body, centre, axes, gap)
+                ):
                     blobs.append((centre, axes))
                     break
             else:
@@ -301,6 +381,40 @@ def _place_and_rasterize(
     raise ValueError(
         f"make_synthetic: cannot fit {len(radii)} structures into size {tuple(size)}; use a larger size"
     )
+
+
+def _body(
+    rng: np.random.Generator, size: Sequence[int], spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The CT body: ``(centre, semi-axes)`` in mm, centred within 2% of the extent; semi-axes 38-46% of the extent
+    in x and y and, in 3D, 90% of it along z (longer than the image, so every slice holds body)."""
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    extent = np.asarray(size) * spacing_arr
+    axes = extent * rng.uniform(0.38, 0.46, size=len(size))
+    if len(size) == 3:
+        axes[2] = 0.9 * extent[2]
+    centre = (extent - spacing_arr) / 2.0 + extent * rng.uniform(-0.02, 0.02, size=len(size))
+    return centre, axes
+
+
+def _unit_directions(dims: int) -> np.ndarray:
+    """Directions spread evenly over the unit circle (2D, 90) or sphere (3D, 400, Fibonacci lattice): ``(N, dims)``."""
+    if dims == 2:
+        angle = np.linspace(0.0, 2.0 * np.pi, 90, endpoint=False)
+        return np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    n = 400
+    k = np.arange(n) + 0.5
+    polar = np.arccos(1.0 - 2.0 * k / n)
+    azimuth = np.pi * (1.0 + 5.0**0.5) * k
+    return np.stack([np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth), np.cos(polar)], axis=1)
+
+
+def _inside(body: tuple[np.ndarray, np.ndarray], centre: np.ndarray, axes: np.ndarray, gap: float) -> bool:
+    """Whether the ellipsoid ``(centre, axes)``, grown by ``gap`` mm, lies inside the ellipsoid ``body``
+    (checked on a dense set of its surface points)."""
+    body_centre, body_axes = body
+    surface = centre + _unit_directions(len(centre)) * (axes + gap)
+    return bool(np.all((((surface - body_centre) / body_axes) ** 2).sum(axis=1) <= 1.0))
 
 
 def _rasterize(
@@ -332,6 +446,16 @@ def _channel_levels(levels: np.ndarray, channel: int) -> np.ndarray:
     """Intensity of each class in ``channel``: odd channels invert the contrast, later ones add a gamma and a gain."""
     mapped = 1.25 - levels if channel % 2 else levels
     return (1.0 + 0.25 * channel) * mapped ** (1.0 + 0.5 * (channel // 2))
+
+
+def _render_ct(rng: np.random.Generator, label: np.ndarray, body: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    """CT image ``(X, Y[, Z])`` float32 in HU: air, soft-tissue body, structure ``k`` at ``hu[k - 1]``;
+    partial-volume blur, Gaussian noise, no bias field, clipped below at -1024."""
+    levels = np.array([_AIR_HU, _SOFT_TISSUE_HU, *hu], dtype=np.float32)
+    tissue = np.where(label > 0, label.astype(np.int64) + 1, body.astype(np.int64))
+    clean = gaussian_filter(levels[tissue], sigma=0.4)
+    noise = rng.normal(0.0, _CT_NOISE_HU, size=label.shape).astype(np.float32)
+    return np.maximum(clean + noise, _CT_FLOOR_HU).astype(np.float32)
 
 
 def _render(rng: np.random.Generator, label: np.ndarray, levels: np.ndarray, bias: np.ndarray) -> np.ndarray:

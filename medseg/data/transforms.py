@@ -23,7 +23,7 @@ from monai import transforms as mt
 
 from medseg.arrays import slabs
 
-INTENSITY_PRESETS = ("ct", "mri", "us", "xray", "none")
+INTENSITY_PRESETS = ("ct", "ct_zscore", "mri", "zscore", "us", "xray", "none")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
@@ -35,6 +35,8 @@ class Preprocessing:
     spacing: list[float] | None = None
     intensity: str = "none"
     ct_window: list[float] | tuple[float, float] = (-1000.0, 1000.0)
+    clip: list[float] | None = None
+    zscore: list[float] | None = None
     crop_foreground: bool = False
     resize: list[int] | None = None
 
@@ -49,6 +51,12 @@ class Preprocessing:
         prep = cls(**spec)
         if prep.intensity not in INTENSITY_PRESETS:
             raise ValueError(f"unknown intensity preset {prep.intensity!r}; valid: {list(INTENSITY_PRESETS)}")
+        if prep.intensity == "ct_zscore" and (
+            not prep.clip or len(prep.clip) != 2 or prep.clip[0] >= prep.clip[1]
+            or not prep.zscore or len(prep.zscore) != 2 or prep.zscore[1] <= 0
+        ):
+            raise ValueError("intensity ct_zscore needs clip: [low, high] (low < high) and zscore: [mean, std > 0], "
+                             f"got clip {prep.clip}, zscore {prep.zscore}")
         if len(prep.ct_window) != 2 or prep.ct_window[0] >= prep.ct_window[1]:
             raise ValueError(f"ct_window must be [low, high] with low < high, got {prep.ct_window}")
         if prep.orientation is not None:
@@ -121,8 +129,12 @@ def _intensity(spec: Preprocessing) -> list[mt.Transform]:
     if spec.intensity == "ct":
         low, high = spec.ct_window
         return [WindowScaled("image", low, high)]
+    if spec.intensity == "ct_zscore":
+        return [ClippedZScored("image", spec.clip, spec.zscore)]
     if spec.intensity == "mri":
         return [NonzeroZScored("image")]
+    if spec.intensity == "zscore":
+        return [mt.NormalizeIntensityd("image", channel_wise=True)]
     if spec.intensity in ("us", "xray"):
         return [mt.ScaleIntensityd("image", minv=0.0, maxv=1.0, channel_wise=True)]
     return []
@@ -156,6 +168,22 @@ class WindowScaled(mt.MapTransform):
         for key in self.key_iterator(d):
             d[key] = _floating(d[key])
             _values(d[key]).clamp_(self.low, self.high).sub_(self.low).div_(self.high - self.low)
+        return d
+
+
+class ClippedZScored(mt.MapTransform):
+    """Clip to ``[low, high]``, then subtract ``mean`` and divide by ``std`` (the ``ct_zscore`` preset: values
+    taken from the dataset's foreground by ``medseg plan``, the same for every case), in place."""
+
+    def __init__(self, keys: Any, clip: Any, zscore: Any) -> None:
+        super().__init__(keys)
+        (self.low, self.high), (self.mean, self.std) = (float(v) for v in clip), (float(v) for v in zscore)
+
+    def __call__(self, data: Any) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = _floating(d[key])
+            _values(d[key]).clamp_(self.low, self.high).sub_(self.mean).div_(self.std)
         return d
 
 

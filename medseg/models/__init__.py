@@ -8,6 +8,7 @@ The registry is filled here from the explicit model tables of :mod:`medseg.model
 from __future__ import annotations
 
 from medseg.models import classification, segmentation
+from medseg.models.planned_unet import planned_unet_min_size
 from medseg.models.pretrained import freeze_encoder, load_pretrained, unfreeze
 from medseg.models.registry import (
     ModelSpec,
@@ -32,6 +33,7 @@ __all__ = [
     "load_pretrained",
     "model_kwargs",
     "model_task",
+    "planned_unet_min_size",
     "register_model",
     "unfreeze",
 ]

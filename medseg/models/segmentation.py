@@ -11,6 +11,8 @@ Encoders (what :func:`medseg.models.freeze_encoder` freezes):
   ``AttentionLayer.submodule`` is ``Sequential(strided ConvBlock, <inner AttentionLayer>)`` or, at the bottom,
   the bottleneck ``ConvBlock``. The encoder is the head plus those ConvBlocks.
 * ``unetpp``: the backbone column ``conv_0_0`` ... ``conv_4_0``.
+* ``planned_unet``: see :mod:`medseg.models.planned_unet` (per-level kernels and strides; input sizes must be
+  multiples of :func:`~medseg.models.planned_unet.planned_unet_min_size`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from monai.networks.nets import AttentionUnet, BasicUNetPlusPlus, UNet
 from monai.networks.nets.attentionunet import AttentionLayer
 from torch import nn
 
+from medseg.models import planned_unet
 from medseg.models.registry import (
     LayerArg,
     ModelSpec,
@@ -292,5 +295,13 @@ MODELS: tuple[ModelSpec, ...] = (
         encoder=attention_unet_encoder,
         unsupported={"norm": _NO_NORM_ACT, "act": _NO_NORM_ACT},
         description="Attention U-Net (Oktay et al., MONAI AttentionUnet).",
+    ),
+    ModelSpec(
+        name=planned_unet.NAME,
+        task="segmentation",
+        builder=planned_unet.build_planned_unet,
+        encoder=planned_unet.planned_unet_encoder,
+        unsupported=planned_unet.UNSUPPORTED,
+        description=planned_unet.DESCRIPTION,
     ),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,6 +13,9 @@ from torchmetrics import MeanMetric
 from medseg.data.sampling import mixed_seed, reseed_globals, run_seed
 from medseg.losses import create_loss
 from medseg.models import create_model, freeze_encoder, load_pretrained
+from medseg.tasks.schedule import Annealing, FitProgress, follow_max_epochs, require_a_limit
+
+logger = logging.getLogger("medseg")
 
 # Arguments kept out of the checkpoint's hyperparameters: callables are not plain data, and a checkpoint
 # must load with ``torch.load(weights_only=True)``. Prediction never needs them.
@@ -112,15 +116,59 @@ class MedSegModule(pl.LightningModule):
             checkpoint["medseg_precision"] = str(self.trainer.precision)
 
     def configure_optimizers(self) -> Any:
+        """The optimizer and, if configured, its scheduler: an :class:`~medseg.tasks.schedule.Annealing`
+        stepped every optimizer step over the fit's limits, any other scheduler once an epoch.
+
+        Raises:
+            ConfigError: an ``Annealing`` schedule for a fit without ``max_epochs``, ``max_steps`` or ``max_time``.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if isinstance(scheduler, Annealing):
+            require_a_limit(self.trainer)
+            config["interval"] = "step"
+        elif isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.hparams.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def on_train_start(self) -> None:
+        """Give the schedule the length of this fit (after a resume has restored the loops and schedulers).
+
+        An ``Annealing`` schedule reads the fit's limits; a per-epoch ``CosineAnnealingLR``/``PolynomialLR``
+        takes this fit's ``max_epochs``, not the length in the config or the checkpoint. Subclasses overriding
+        this hook call ``super().on_train_start()``.
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, Annealing):
+                self._fit_progress = FitProgress(self.trainer)
+                self._log_once(f"learning rate: {config.scheduler.describe()} over "
+                               f"{self._fit_progress.limits.describe()}")
+            change = follow_max_epochs(config.scheduler, self.trainer.max_epochs)
+            if change:
+                self._log_once(f"learning rate: {change}")
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Step ``scheduler``; an ``Annealing`` one first learns how far through the fit training is."""
+        if isinstance(scheduler, Annealing):
+            scheduler.progress = self._progress_now()
+        super().lr_scheduler_step(scheduler, metric)
+
+    def _progress_now(self) -> float:
+        """Fraction of the fit done after this optimizer step (see :class:`~medseg.tasks.schedule.FitProgress`)."""
+        progress = self._fit_progress(self.global_step)
+        if self._fit_progress.timer is not None and self.trainer.world_size > 1:
+            # Each process has its own clock: all take the first process's, so their learning rates stay equal.
+            progress = float(self.trainer.strategy.broadcast(progress, src=0))
+        return progress
+
+    def _log_once(self, message: str) -> None:
+        """``message`` on the ``medseg`` logger, from the first process only."""
+        if self.trainer.is_global_zero:
+            logger.info(message)
 
 
 def channels_last_format(spatial_dims: int) -> torch.memory_format:
