@@ -373,12 +373,22 @@ def _plan(argv: list[str]) -> int:
                         help="memory budget of the patch (default: 80%% of the GPU's, or a CPU step budget)")
     parser.add_argument("--max-time", default=None, metavar="DD:HH:MM:SS",
                         help="wall time of training; the learning rate anneals over it")
-    parser.add_argument("--network", default="planned_unet", help="planned_unet (default) or unet")
+    parser.add_argument("--network", default="planned_unet", help="the network to plan (planned_unet)")
     _max_voxels_option(parser)
     args = parser.parse_args(argv)
-    fingerprint = fingerprint_dataset(args.dataset, max_voxels=args.max_voxels)
-    dims = args.dims or fingerprint.spacings.shape[1]
-    plan = make_plan(fingerprint, dims, args.gpu_memory, args.max_time, args.network)
+    from medseg.plan.rules import parse_duration
+
+    try:
+        if args.max_time:
+            parse_duration(args.max_time)  # before the dataset is read
+        if args.network != "planned_unet":
+            raise ValueError(f"--network {args.network!r}: medseg plan plans 'planned_unet' only so far")
+        fingerprint = fingerprint_dataset(args.dataset, max_voxels=args.max_voxels)
+        dims = args.dims or fingerprint.spacings.shape[1]
+        plan = make_plan(fingerprint, dims, args.gpu_memory, args.max_time, args.network)
+    except ValueError as err:  # images too small, other dims, bad --max-time or --network
+        print(f"medseg plan: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else fingerprint.spec.root / "plans" / f"{dims}d.yaml"
     command = " ".join(["medseg plan", *argv])
     write_config(plan, out, [f"Planned by `{command}` from {fingerprint.spec.source}.",

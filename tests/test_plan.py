@@ -10,8 +10,8 @@ import yaml
 
 from medseg.data.datalist import load_dataset
 from medseg.plan import rules
-from medseg.plan.fingerprint import Fingerprint, fingerprint_dataset
-from medseg.plan.planner import make_plan, write_config
+from medseg.plan.fingerprint import fingerprint_dataset
+from medseg.plan.planner import make_plan
 
 
 def test_target_spacing_is_the_median_per_axis() -> None:
@@ -28,6 +28,11 @@ def test_an_anisotropic_axis_gets_its_10th_percentile() -> None:
     assert "axis 2 is anisotropic (5 > 3 x 0.7)" in decision.reason
     # 2.0 / 0.7 < 3: not anisotropic, the median stays
     assert rules.target_spacing(np.array([[0.7, 0.7, 2.0], [0.7, 0.7, 2.1]])).value == [0.7, 0.7, 2.05]
+    # compared with the largest other axis, not the finest: 1 x 2.5 x 5 is not anisotropic (5 < 3 x 2.5)
+    assert rules.target_spacing(np.array([[1.0, 2.5, 5.0]] * 3)).value == [1.0, 2.5, 5.0]
+    # the 10th percentile never goes finer than the other axes
+    few_thin = np.array([[0.7, 0.7, 5.0]] * 8 + [[0.7, 0.7, 0.5]] * 2)
+    assert rules.target_spacing(few_thin).value == [0.7, 0.7, 0.7]
 
 
 def test_ct_is_clipped_to_foreground_percentiles_and_z_scored_with_dataset_statistics() -> None:
@@ -35,6 +40,8 @@ def test_ct_is_clipped_to_foreground_percentiles_and_z_scored_with_dataset_stati
     values, crop = rules.intensity(["CT"], stats, crop_share=0.9)
     assert values.value == {"intensity": "ct_zscore", "clip": [-80.0, 300.0], "zscore": [70.0, 50.0]}
     assert crop.value is False
+    mixed, _ = rules.intensity(["CT", "PET"], stats, crop_share=0.9)  # the CT clip would be wrong for PET
+    assert mixed.value == {"intensity": "zscore"}
 
 
 def test_mri_is_z_scored_per_case_inside_the_mask_only_when_cropping_helps() -> None:
@@ -72,8 +79,14 @@ def test_patch_fills_the_budget_follows_the_median_shape_and_is_clipped_to_it() 
     assert patch.value[0] > patch.value[1] > patch.value[2]  # the aspect of the median shape
     bigger, _, _ = rules.patch_and_batch(shape, spacing, budget=8e7, features=32, cap=320)
     assert np.prod(bigger.value) > np.prod(patch.value)  # a larger budget, a larger patch
-    whole, batch, _ = rules.patch_and_batch([32.0, 32.0, 16.0], spacing, budget=1e9, features=32, cap=320)
-    assert whole.value == [32, 32, 16] and batch.value > 2  # clipped to the image; the budget goes to the batch
+    whole, batch, _ = rules.patch_and_batch([32.0, 32.0, 16.0], spacing, budget=1e9, features=32, cap=320,
+                                            cases=400)
+    assert whole.value == [32, 32, 16]  # clipped to the image; the budget goes to the batch, up to 5% of the voxels
+    assert batch.value == 20  # 0.05 x 400 cases x 32x32x16 voxels / 32x32x16 a patch
+    _, few, _ = rules.patch_and_batch([32.0, 32.0, 16.0], spacing, budget=1e9, features=32, cap=320, cases=6)
+    assert few.value == 2  # 5% of 6 cases is less than one: at least 2
+    rounded, _, _ = rules.patch_and_batch([63.99999, 63.99999], [0.7, 0.7], budget=1e9, features=32, cap=512)
+    assert rounded.value == [64, 64]  # float32 spacings: 63.99999 is the whole 64-voxel image
 
 
 def test_a_measured_cost_replaces_the_estimate() -> None:
@@ -180,30 +193,56 @@ def test_dims_that_the_images_do_not_have_are_refused(seg3d: Path) -> None:
         make_plan(fingerprint_dataset(seg3d, progress=False), 2)
 
 
-@pytest.fixture
-def seg3d(seg3d_root: Path, tmp_path: Path) -> Path:
-    import shutil
-
-    return Path(shutil.copytree(seg3d_root, tmp_path / "seg3d"))
-
-
-def _unused(fingerprint: Fingerprint, path: Path) -> None:  # keeps the writer import honest for linters
-    write_config(make_plan(fingerprint, 3), path, [])
-
-
 def test_a_planned_config_trains_end_to_end(tmp_path: Path) -> None:
-    """Plan a small synthetic dataset, train the written config unchanged (a few epochs), and check it learned."""
+    """Plan a small synthetic dataset for 25 s, train the written config as it is (only the device and the run
+    folder given), and check it validated on its own and learned."""
     import csv
 
     from medseg.cli import main
     from medseg.data.synthetic import make_synthetic
 
     root = make_synthetic(tmp_path / "ds", dims=3, cases=8, classes=2, size=(32, 32, 16), seed=3).parent
-    assert main(["plan", str(root), "--out", str(tmp_path / "planned.yaml")]) == 0
-    assert main(["fit", "--config", str(tmp_path / "planned.yaml"), "--trainer.max_epochs", "6",
-                 "--trainer.check_val_every_n_epoch", "1", "--trainer.accelerator", "cpu",
+    assert main(["plan", str(root), "--out", str(tmp_path / "planned.yaml"), "--max-time", "00:00:00:25"]) == 0
+    assert main(["fit", "--config", str(tmp_path / "planned.yaml"), "--trainer.accelerator", "cpu",
                  "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]) == 0
     (metrics,) = (tmp_path / "runs").rglob("metrics.csv")
     with metrics.open(newline="") as handle:
-        dice = [float(row["val/dice"]) for row in csv.DictReader(handle) if row.get("val/dice")]
-    assert len(dice) == 6 and max(dice) > 0.8, dice
+        rows = list(csv.DictReader(handle))
+    dice = [float(row["val/dice"]) for row in rows if row.get("val/dice")]
+    rates = [float(row["lr-AdamW"]) for row in rows if row.get("lr-AdamW")]
+    assert len(dice) >= 3 and max(dice) > 0.8, dice
+    assert rates[-1] < 0.5 * rates[0]  # the rate annealed over the 25 s
+
+
+def test_bad_plan_requests_are_one_line(seg3d: Path, capsys) -> None:
+    from medseg.cli import main
+
+    for args, reason in ((["--max-time", "2h"], "give DD:HH:MM:SS"), (["--network", "unet"], "'planned_unet' only"),
+                         (["--dims", "2"], "--dims 2, but the images are 3D")):
+        assert main(["plan", str(seg3d), *args]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("medseg plan: ")]
+        assert len(lines) == 1 and reason in lines[0] and "Traceback" not in err, err
+
+
+def test_a_changed_class_index_is_checked_again(cls2d_root: Path, tmp_path: Path) -> None:
+    """The case's own entry is part of the checks cache key: a class index edited in dataset.json (no image
+    file changes) is checked again."""
+    import json
+    import shutil
+
+    from medseg.data.checks import check_dataset
+
+    root = Path(shutil.copytree(cls2d_root, tmp_path / "cls"))
+    assert check_dataset(root) == []
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][0]["label"] = 7
+    (root / "dataset.json").write_text(json.dumps(meta))
+    assert "class index 7 is not declared" in str(check_dataset(root))
+
+
+@pytest.fixture
+def seg3d(seg3d_root: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(seg3d_root, tmp_path / "seg3d"))

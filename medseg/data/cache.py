@@ -3,7 +3,8 @@ they were computed from keeps its path, size and modification time.
 
 The fingerprint and the integrity checks share it, so `medseg fit`, `cv` and `benchmark` read a file's voxels
 again only after it changed. Several processes (DDP ranks) may save at once: saving merges under a file lock
-and writes atomically. A dataset folder that cannot be written is used without a cache (logged once).
+and writes atomically. A dataset folder that cannot be written is used without a cache (logged at each save).
+Callers put in a key whatever else the value depends on (the description's entries, settings, a version).
 """
 
 from __future__ import annotations
@@ -30,18 +31,20 @@ class DatasetCache:
         self._entries = self._read()
         self._new: dict[str, Any] = {}
 
-    def get(self, key: str, files: Sequence[str]) -> Any | None:
-        """The value stored under ``key`` if ``files`` are those it was computed from, unchanged; else ``None``."""
+    def lookup(self, key: str, files: Sequence[str]) -> tuple[Any | None, Any]:
+        """``(value, stamp)``: the value stored under ``key`` if ``files`` are those it was computed from,
+        unchanged (else ``None``), and their stamp now, taken before they are read, for :meth:`put`."""
+        stamp = _stamps(files)
         entry = self._new.get(key) or self._entries.get(key)
-        if entry is None or entry.get("files") != _stamps(files):
-            return None
-        return entry.get("value")
+        if stamp is None or entry is None or entry.get("files") != stamp:
+            return None, stamp
+        return entry.get("value"), stamp
 
-    def put(self, key: str, files: Sequence[str], value: Any) -> None:
-        """Store ``value`` under ``key``, valid while ``files`` stay as they are now (saved by :meth:`save`)."""
-        stamps = _stamps(files)
-        if stamps is not None:
-            self._new[key] = {"files": stamps, "value": value}
+    def put(self, key: str, stamp: Any, value: Any) -> None:
+        """Store ``value`` under ``key`` for the files of ``stamp`` (from :meth:`lookup`, taken before they were
+        read: a file changed while it was read no longer matches). Saved by :meth:`save`."""
+        if stamp is not None:
+            self._new[key] = {"files": stamp, "value": value}
 
     def save(self) -> None:
         """Merge what was put into the file (atomically, under a lock)."""
@@ -69,13 +72,13 @@ class DatasetCache:
         return entries if isinstance(entries, dict) else {}
 
 
-def _stamps(files: Sequence[str]) -> dict[str, list[int]] | None:
-    """``{path: [size, mtime_ns]}`` of ``files``; ``None`` when one is missing (nothing to cache)."""
-    stamps = {}
+def _stamps(files: Sequence[str]) -> list[list[Any]] | None:
+    """``[[path, size, mtime_ns], ...]`` of ``files`` in order; ``None`` when one is missing (nothing to cache)."""
+    stamps = []
     for file in files:
         try:
             stat = os.stat(file)
         except OSError:
             return None
-        stamps[str(file)] = [stat.st_size, stat.st_mtime_ns]
+        stamps.append([str(file), stat.st_size, stat.st_mtime_ns])
     return stamps

@@ -40,6 +40,9 @@ from medseg.data.io import (
     spacing_from_affine,
 )
 
+CHECKS_VERSION = 1
+"""Part of every cached check result's key: raise it when a check is added or changed."""
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -172,26 +175,31 @@ def _run_checks(
     context = _context(spec, tolerance, spatial_dims, max_voxels, headers_only)
     for where, case in tqdm(cases, desc="checking cases", unit="case", file=sys.stderr, disable=not progress):
         labelled = isinstance(case["label"], str)
-        # A case without a label file takes its layout from the labels seen before it (see the module docstring).
-        key = f"checks/{context}/{where}/{case['id']}" + ("" if labelled else f"/{checker.spatial_ndim}")
+        # The case's own entry is in the key (a class index lives there); a case without a label file takes its
+        # layout from the labels seen before it (see the module docstring).
+        key = f"checks/{CHECKS_VERSION}/{context}/{where}/{_digest(case)}" + (
+            "" if labelled else f"/{checker.spatial_ndim}")
         files = [*case["image"], *([case["label"]] if labelled else [])]
-        cached = cache.get(key, files)
+        cached, stamp = cache.lookup(key, files)
         if cached is not None:  # the files are as they were when checked with these settings
             problems += [Problem(*problem) for problem in cached["problems"]]
             checker.spatial_ndim = checker.spatial_ndim or cached["label_ndim"]
             continue
         found = _header_problems(case, max_voxels) if headers_only else checker.check(case, where)
-        cache.put(key, files, {"problems": [[p.file, p.message] for p in found], "label_ndim": checker.spatial_ndim})
+        cache.put(key, stamp, {"problems": [[p.file, p.message] for p in found], "label_ndim": checker.spatial_ndim})
         problems += found
     cache.save()
     return problems, len(cases)
 
 
 def _context(spec: DatasetSpec, *settings: Any) -> str:
-    """A digest of what a case's check result depends on besides its files: the description's declarations
-    and the check settings."""
-    described = [spec.task, spec.labels, spec.channel_names, spec.regions, settings]
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A digest of what a case's check result depends on besides its files and its entry: the description's
+    declarations and the check settings."""
+    return _digest([spec.task, spec.labels, spec.channel_names, spec.regions, settings])
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class _CaseChecker:

@@ -9,6 +9,7 @@ intensity percentiles 0.5/50/99.5, mean and std of the foreground, class fractio
 
 from __future__ import annotations
 
+import json
 import sys
 import zlib
 from dataclasses import dataclass
@@ -94,17 +95,18 @@ def fingerprint_dataset(root: str | Path, spatial_dims: int | None = None, progr
         raise ValueError(f"{spec.source}: medseg plan plans segmentation datasets (this one is {spec.task})")
     cache = DatasetCache(spec.root / CACHE_FILE)
     records, todo = [], []
+    declared = json.dumps([sorted(spec.labels), spatial_dims])
     for case in spec.training:
         files = [*case["image"], case["label"]]
-        key = f"fingerprint/{FINGERPRINT_VERSION}/{case['id']}"
-        cached = cache.get(key, files)
+        key = f"fingerprint/{FINGERPRINT_VERSION}/{declared}/{case['id']}"
+        cached, stamp = cache.lookup(key, files)
         records.append(cached)
         if cached is None:
-            todo.append((len(records) - 1, case, key, files))
-    for index, case, key, files in tqdm(todo, desc="fingerprinting", unit="case", file=sys.stderr,
+            todo.append((len(records) - 1, case, key, stamp))
+    for index, case, key, stamp in tqdm(todo, desc="fingerprinting", unit="case", file=sys.stderr,
                                         disable=not progress or not todo):
         records[index] = case_record(case, spec, spatial_dims, max_voxels)
-        cache.put(key, files, records[index])
+        cache.put(key, stamp, records[index])
     cache.save()
     return Fingerprint(spec, records)
 

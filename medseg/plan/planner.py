@@ -49,10 +49,11 @@ def make_plan(fingerprint: Fingerprint, dims: int, gpu_memory_gb: float | None =
     """Apply the rules to ``fingerprint`` for a ``dims``-D model (see :mod:`medseg.plan.rules`)."""
     spec = fingerprint.spec
     if dims != fingerprint.spacings.shape[1]:
-        raise ValueError(f"{spec.source}: --dims {dims}, but the images are {fingerprint.spacings.shape[1]}D; "
-                         "planning 2D slices of 3D volumes is not supported yet")
-    if network not in ("planned_unet", "unet"):
-        raise ValueError(f"--network {network!r}: medseg plan plans 'planned_unet' (default) or 'unet'")
+        found = fingerprint.spacings.shape[1]
+        slices = "; planning 2D slices of 3D volumes is not supported yet" if found == 3 else ""
+        raise ValueError(f"{spec.source}: --dims {dims}, but the images are {found}D{slices}")
+    if network != "planned_unet":
+        raise ValueError(f"--network {network!r}: medseg plan plans 'planned_unet' only so far")
     max_time_s = rules.parse_duration(max_time) if max_time else None
     spacing = rules.target_spacing(fingerprint.spacings)
     crop_share = float(np.median(np.prod(fingerprint.shapes, axis=1) /
@@ -62,14 +63,15 @@ def make_plan(fingerprint: Fingerprint, dims: int, gpu_memory_gb: float | None =
     median_shape = np.median(fingerprint.shapes * fingerprint.spacings / np.array(spacing.value), axis=0)
     budget, budget_reason, cost_of = _budget(gpu_memory_gb, dims, spec.in_channels, spec.num_classes)
     cap = FEATURE_CAP[dims]
-    patch, batch, topology = rules.patch_and_batch(median_shape, spacing.value, budget, 32, cap, cost_of)
-    widths = rules.feature_widths(len(topology.value["strides"]), 32, cap)
     n_train = max(1, round(len(spec.training) * 0.8))
-    schedule = rules.schedule(n_train, batch.value, max_time_s)
+    patch, batch, topology = rules.patch_and_batch(median_shape, spacing.value, budget, 32, cap, cost_of, n_train)
+    widths = rules.feature_widths(len(topology.value["strides"]), 32, cap)
+    schedule = rules.schedule(n_train, batch.value, max_time_s, 10.0 if torch.cuda.is_available() else 2.0)
     device_precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
+    loading = _loading(fingerprint, spacing.value)
     plan = Plan(_config(spec, dims, spacing.value, intensity.value, crop.value, patch.value, batch.value,
-                        topology.value, widths, network, schedule, device_precision))
+                        topology.value, widths, network, schedule, device_precision, loading))
     plan.comments = {
         "data.preprocessing.spacing": spacing.reason,
         "data.preprocessing.intensity": intensity.reason,
@@ -83,6 +85,8 @@ def make_plan(fingerprint: Fingerprint, dims: int, gpu_memory_gb: float | None =
         "trainer.check_val_every_n_epoch": schedule["check_val_every_n_epoch"].reason,
         "trainer.precision": "mixed precision on the GPU" if device_precision != "32-true" else "float32 on the CPU",
         "data.budget": budget_reason,
+        "data.cache": loading["cache_reason"],
+        "data.num_workers": loading["workers_reason"],
     }
     for limit in ("max_time", "max_steps"):
         if limit in schedule:
@@ -103,6 +107,23 @@ def make_plan(fingerprint: Fingerprint, dims: int, gpu_memory_gb: float | None =
     return plan
 
 
+def _loading(fingerprint: Fingerprint, spacing: list[float]) -> dict[str, Any]:
+    """Cache the preprocessed dataset in memory when it takes at most a quarter of this machine's memory;
+    loader workers from the CPU count (none on 2 cores, where they compete with the training threads)."""
+    import os
+
+    resampled = fingerprint.shapes * fingerprint.spacings / np.array(spacing)
+    gigabytes = float(np.prod(resampled, axis=1).sum()) * 4 * (fingerprint.spec.in_channels + 1) / 1e9
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    fits = gigabytes <= memory / 4
+    cpus = os.cpu_count() or 1
+    workers = 0 if cpus <= 2 else min(8, cpus // 2)
+    return {"cache": "memory" if fits else "none", "num_workers": workers,
+            "cache_reason": f"the preprocessed dataset takes about {gigabytes:.2g} GB of this machine's "
+                            f"{memory:.0f} GB" + ("" if fits else ": too much to cache"),
+            "workers_reason": f"{cpus} CPU(s) here"}
+
+
 def _budget(gpu_memory_gb: float | None, dims: int, in_channels: int, classes: int) -> tuple[float, str, Any]:
     """The budget of a batch, where the figure comes from, and how a candidate's cost is found: measured on the
     GPU (bytes of one sample's forward and backward pass), estimated from feature-map sizes on the CPU."""
@@ -115,7 +136,7 @@ def _budget(gpu_memory_gb: float | None, dims: int, in_channels: int, classes: i
     if gpu_memory_gb:
         return (gpu_memory_gb * 1e9 / BYTES_PER_FEATURE_VOXEL,
                 f"--gpu-memory {gpu_memory_gb:g} GB, estimated from feature-map sizes (no GPU here)", None)
-    return CPU_BUDGET, "CPU: a step costs about the shipped 3D config's (estimated from feature-map sizes)", None
+    return CPU_BUDGET, "CPU: a fixed budget near the shipped 3D config's step (estimated from feature-map sizes)", None
 
 
 def _measured_on_gpu(dims: int, in_channels: int, classes: int) -> Any:
@@ -144,7 +165,7 @@ def _measured_on_gpu(dims: int, in_channels: int, classes: int) -> Any:
 
 def _config(spec: Any, dims: int, spacing: list[float], intensity: dict[str, Any], crop: bool, patch: list[int],
             batch: int, topology: dict[str, Any], widths: list[int], network: str, schedule: dict[str, Any],
-            precision: str) -> dict[str, Any]:
+            precision: str, loading: dict[str, Any]) -> dict[str, Any]:
     if network == "planned_unet":
         network_args: dict[str, Any] = {**topology, "features": widths[0], "max_features": widths[-1] if len(
             widths) > 1 else widths[0]}
@@ -183,8 +204,8 @@ def _config(spec: Any, dims: int, spacing: list[float], intensity: dict[str, Any
         "data": {
             "root": str(spec.root), "spatial_dims": dims, "patch_size": patch, "batch_size": batch,
             "samples_per_volume": schedule["samples_per_volume"].value,
-            "pos_fraction": schedule["pos_fraction"].value, "val_fraction": 0.2, "cache": "memory",
-            "num_workers": 0, "preprocessing": preprocessing,
+            "pos_fraction": schedule["pos_fraction"].value, "val_fraction": 0.2, "cache": loading["cache"],
+            "num_workers": loading["num_workers"], "preprocessing": preprocessing,
             "augmentation": _augmentation(dims, patch),
         },
     }

@@ -37,27 +37,29 @@ class Decision:
 
 
 def target_spacing(spacings: np.ndarray) -> Decision:
-    """The median spacing per axis; an anisotropic axis (median more than 3x the finest) gets its 10th
-    percentile instead, so it is not resampled far coarser than most cases have it.
+    """The median spacing per axis. An anisotropic axis (its median more than 3x the largest of the other axes')
+    gets its 10th percentile instead, so it is not resampled far coarser than most cases have it, but never
+    finer than the other axes' (nnU-Net's rule).
 
     Args:
         spacings: ``(N, D)`` voxel sizes in mm of the N cases.
     """
     median = np.median(spacings, axis=0)
-    finest = float(median.min())
     coarse = int(np.argmax(median))
-    if median[coarse] > ANISOTROPY_RATIO * finest:
+    others = float(np.delete(median, coarse).max())
+    if median[coarse] > ANISOTROPY_RATIO * others:
         target = median.copy()
-        target[coarse] = np.percentile(spacings[:, coarse], 10)
+        target[coarse] = max(float(np.percentile(spacings[:, coarse], 10)), others)
         return Decision(_rounded(target), f"median spacing; axis {coarse} is anisotropic ({median[coarse]:.3g} > "
-                                          f"{ANISOTROPY_RATIO:g} x {finest:.3g}): its 10th percentile")
+                                          f"{ANISOTROPY_RATIO:g} x {others:.3g}): its 10th percentile, at least "
+                                          f"{others:.3g}")
     return Decision(_rounded(median), f"median spacing of {len(spacings)} cases")
 
 
 def intensity(channel_names: Sequence[str], stats: dict[str, float], crop_share: float) -> tuple[Decision, Decision]:
     """The intensity preset and whether to crop to non-zero voxels.
 
-    CT (a channel named CT): clip to the foreground 0.5/99.5 percentiles, then z-score with the dataset's
+    CT (every channel named CT; mixed channels are z-scored per case): clip to the foreground 0.5/99.5 percentiles, then z-score with the dataset's
     foreground mean and std (the same for every case: Hounsfield units mean the same everywhere). Anything else
     (MRI, ultrasound, ...): a z-score per case, inside the non-zero mask when cropping to it helps (it keeps
     less than 75% of the voxels), over the whole image otherwise.
@@ -73,7 +75,7 @@ def intensity(channel_names: Sequence[str], stats: dict[str, float], crop_share:
     crop = crop_share < CROP_HELPS
     crop_reason = (f"cropping to non-zero voxels keeps {crop_share:.0%} of them (< {CROP_HELPS:.0%})" if crop else
                    f"cropping to non-zero voxels would keep {crop_share:.0%} of them: no gain")
-    if any(str(name).strip().upper() == "CT" for name in channel_names):
+    if channel_names and all(str(name).strip().upper() == "CT" for name in channel_names):
         values = {"intensity": "ct_zscore", "clip": [round(stats["p00_5"], 2), round(stats["p99_5"], 2)],
                   "zscore": [round(stats["mean"], 3), round(max(stats["std"], 1e-6), 3)]}
         return (Decision(values, "CT: clip to the foreground 0.5/99.5 percentiles, z-score with the dataset's "
@@ -141,10 +143,11 @@ def activation_cost(patch: Sequence[int], strides: Sequence[Sequence[int]], widt
 
 def patch_and_batch(median_shape: Sequence[float], spacing: Sequence[float], budget: float, features: int,
                     cap: int, cost_of: Callable[[list[int], dict, list[int]], float] | None = None,
-                    ) -> tuple[Decision, Decision, Decision]:
+                    cases: int = 1_000_000) -> tuple[Decision, Decision, Decision]:
     """The largest patch whose cost at batch 2 fits ``budget``, its aspect following the median resampled shape
     and clipped to it, each axis a multiple of what the topology needs; then the batch: at least 2, more when
-    the whole median shape fits with room to spare.
+    the whole median shape fits with room to spare, but at most the training ``cases`` and at most 5% of the
+    dataset's voxels a step (nnU-Net's cap).
 
     ``cost_of(patch, topology, widths)`` is the cost of one sample, in the budget's unit: by default
     :func:`activation_cost` (feature-voxels); `medseg plan` passes a measurement on the GPU when there is one.
@@ -155,10 +158,10 @@ def patch_and_batch(median_shape: Sequence[float], spacing: Sequence[float], bud
     Raises:
         ValueError: the images are too small for a 3-level U-Net.
     """
-    shape = np.maximum(np.array(median_shape, dtype=np.float64), MIN_FEATURE_MAP)
+    shape = np.maximum(np.round(np.array(median_shape, dtype=np.float64), 3), MIN_FEATURE_MAP)
     chosen = None
     for scale in np.geomspace(1.0, 0.05, 60):
-        candidate = [max(MIN_FEATURE_MAP, int(n * scale)) for n in shape]
+        candidate = [max(MIN_FEATURE_MAP, int(n * scale + 1e-6)) for n in shape]
         try:
             multiple = divisor(topology(spacing, candidate).value["strides"])
             patch = [max(m, (n // m) * m) for n, m in zip(candidate, multiple, strict=True)]
@@ -173,32 +176,37 @@ def patch_and_batch(median_shape: Sequence[float], spacing: Sequence[float], bud
     if chosen is None:
         topology(spacing, [int(n) for n in shape])  # raises, naming the sizes
     scale, patch, plan, cost = chosen  # type: ignore[misc]
-    whole = all(p >= n for p, n in zip(patch, shape, strict=True))
-    batch = max(2, int(budget // cost)) if whole else 2
+    whole = all(p >= int(n + 1e-6) for p, n in zip(patch, shape, strict=True))
+    five_percent = int(0.05 * cases * float(np.prod(shape)) // float(np.prod(patch)))
+    batch = max(2, min(int(budget // cost), cases, five_percent)) if whole else 2
     clipped = "the whole median shape" if whole else f"{scale:.0%} of the median shape per axis"
     fits = "fits the budget at batch 2" if 2 * cost <= budget else "the smallest patch a 3-level U-Net takes"
     return (Decision(patch, f"{clipped} ({'x'.join(str(int(n)) for n in shape)} resampled), multiples of "
                             f"{'x'.join(map(str, divisor(plan['strides'])))}; {fits}"),
-            Decision(batch, "at least 2" + (", more while the budget allows (the patch is the whole image)"
-                                            if batch > 2 else "")),
+            Decision(batch, "at least 2" + (", more while the budget allows (the patch is the whole image), at most "
+                                            "the training cases and 5% of the dataset's voxels" if batch > 2 else "")),
             Decision(plan, topology(spacing, patch).reason))
 
 
-def schedule(cases: int, batch: int, max_time_s: float | None) -> dict[str, Decision]:
+def schedule(cases: int, batch: int, max_time_s: float | None, steps_per_second: float = 2.0) -> dict[str, Decision]:
     """Steps, validation and stopping.
 
     A medseg epoch is one pass over the training cases, ``batch`` cases a step, one patch from each
     (``samples_per_volume: 1``: every step sees ``batch`` different cases). Validation runs about every
-    :data:`VALIDATE_EVERY` steps whatever the dataset size. Training stops at ``max_time`` when given (the
+    :data:`VALIDATE_EVERY` steps whatever the dataset size, more often in a run whose ``max_time`` would hold
+    fewer than 10 such intervals at ``steps_per_second`` (an assumed pace: 2 on a CPU, 10 on a GPU). Training stops at ``max_time`` when given (the
     learning rate anneals over that time), else after nnU-Net's 1000 x 250 iterations. A third of the patches
     are centred on foreground.
     """
     steps_per_epoch = max(1, math.ceil(cases / batch))
-    every = max(1, round(VALIDATE_EVERY / steps_per_epoch))
+    steps = VALIDATE_EVERY
+    if max_time_s:  # about 10 validations in a short run, at an assumed pace
+        steps = max(1, min(VALIDATE_EVERY, int(max_time_s * steps_per_second / 10)))
+    every = max(1, round(steps / steps_per_epoch))
     decisions = {
         "samples_per_volume": Decision(1, f"one patch per case a step: {batch} different cases a step"),
-        "check_val_every_n_epoch": Decision(every, f"about every {VALIDATE_EVERY} steps ({steps_per_epoch} a "
-                                                   f"pass over {cases} training cases)"),
+        "check_val_every_n_epoch": Decision(every, f"about every {steps} steps (about {steps_per_epoch} a pass "
+                                                   f"over about {cases} training cases)"),
         "pos_fraction": Decision(FOREGROUND_SAMPLING, "a third of the patches centred on foreground"),
         "max_epochs": Decision(-1, "no epoch limit: " + ("the time limit" if max_time_s else "max_steps")
                                    + " ends the run"),
