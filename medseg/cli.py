@@ -326,12 +326,18 @@ def _make_synthetic(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--regions", action="store_true",
                         help="nested structures (labels 1 > 2 > 3) with overlapping regions whole/core/inner")
+    parser.add_argument("--spacing", type=float, nargs="+", default=None, help="voxel size in mm, e.g. 0.7 0.7 5")
+    parser.add_argument("--modality", choices=("mri", "ct"), default="mri",
+                        help="ct: Hounsfield units, air around a soft-tissue body (channel name CT)")
+    parser.add_argument("--structure-scale", type=float, default=1.0,
+                        help="factor on the structures' radii, e.g. 0.4 for small lesion-like structures")
     args = parser.parse_args(argv)
     if args.regions and args.task != "seg":
         parser.error("--regions is for --task seg")
     path = make_synthetic(
         args.out, dims=args.dims, cases=args.cases, classes=args.classes, task=args.task, seed=args.seed,
         size=args.size, channels=args.channels, test_cases=args.test_cases, regions=args.regions,
+        spacing=args.spacing, modality=args.modality, structure_scale=args.structure_scale,
     )
     print(f"wrote {args.cases} cases: {path}")
     return 0
