@@ -109,6 +109,8 @@ def test_schedule_follows_dataset_size_and_max_time() -> None:
     assert timed["max_time"].value == "00:01:00:00" and timed["max_epochs"].value == -1
     assert timed["samples_per_volume"].value == 1  # a step sees `batch` different cases
     assert timed["check_val_every_n_epoch"].value == 5  # 20 steps a pass: validation about every 100 steps
+    short = rules.schedule(cases=40, batch=2, max_time_s=90)  # 90 s at 2 steps/s: 3 validations, every 60 steps
+    assert short["check_val_every_n_epoch"].value == 3
     assert rules.schedule(cases=400, batch=2, max_time_s=None)["check_val_every_n_epoch"].value == 1
     assert timed["pos_fraction"].value == pytest.approx(0.33)
     untimed = rules.schedule(cases=4, batch=2, max_time_s=None)

@@ -194,14 +194,14 @@ def schedule(cases: int, batch: int, max_time_s: float | None, steps_per_second:
     A medseg epoch is one pass over the training cases, ``batch`` cases a step, one patch from each
     (``samples_per_volume: 1``: every step sees ``batch`` different cases). Validation runs about every
     :data:`VALIDATE_EVERY` steps whatever the dataset size, more often in a run whose ``max_time`` would hold
-    fewer than 10 such intervals at ``steps_per_second`` (an assumed pace: 2 on a CPU, 10 on a GPU). Training stops at ``max_time`` when given (the
+    fewer than 3 such intervals at ``steps_per_second`` (an assumed pace: 2 on a CPU, 10 on a GPU). Training stops at ``max_time`` when given (the
     learning rate anneals over that time), else after nnU-Net's 1000 x 250 iterations. A third of the patches
     are centred on foreground.
     """
     steps_per_epoch = max(1, math.ceil(cases / batch))
     steps = VALIDATE_EVERY
-    if max_time_s:  # about 10 validations in a short run, at an assumed pace
-        steps = max(1, min(VALIDATE_EVERY, int(max_time_s * steps_per_second / 10)))
+    if max_time_s:  # at least about 3 validations in a short run, at an assumed pace
+        steps = max(1, min(VALIDATE_EVERY, int(max_time_s * steps_per_second / 3)))
     every = max(1, round(steps / steps_per_epoch))
     decisions = {
         "samples_per_volume": Decision(1, f"one patch per case a step: {batch} different cases a step"),
