@@ -55,6 +55,9 @@ import yaml
 
 from medseg.data.synthetic import make_synthetic
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_train import cpu_name  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "seg3d_unet.yaml"
 DATASETS: dict[str, dict[str, Any]] = {
@@ -187,14 +190,6 @@ def bench_dataset(name: str, index: int, work: Path, args: argparse.Namespace, e
               f"{seconds:.0f} s process (stopped: {result.stopped}); "
               f"test Dice {result.dice:.4f} with {ckpt.name}", flush=True)
     return {"name": name, "planned": runs["planned"], "shipped": runs["shipped"], "shape": patch_shape(planned)}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def machine(threads: int) -> str:

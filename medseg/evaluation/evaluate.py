@@ -98,7 +98,7 @@ def evaluate_segmentation(
             scores: dict[Any, dict[str, float]] = region_metrics(
                 prediction.round(), reference.round(), spacing, regions, nsd_tolerance_mm, empty_distance)
         else:
-            found = classes or sorted(int(v) for v in np.unique(np.concatenate([np.unique(reference), np.unique(prediction)])) if v > 0)
+            found = classes or sorted(int(v) for v in set(np.unique(reference).tolist()) | set(predicted[case]) if v > 0)
             scores = case_metrics(prediction.round(), reference.round(), spacing, found, nsd_tolerance_mm, empty_distance)
         rows += [{"case": case, "class": c, **values} for c, values in scores.items()]
     summary = summarize(rows)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
+from medseg.arrays import slabs
 from medseg.data.io import DEFAULT_MAX_VOXELS, is_nifti, read_header
 from medseg.data.transforms import Preprocessing, preprocess_transforms
 from medseg.errors import InputError
@@ -144,12 +145,18 @@ class FiniteVoxels(mt.Transform):
         x = data["image"]
         if not torch.is_floating_point(x):
             return data
-        bad = ~torch.isfinite(x)
-        count = int(bad.sum())
+        values = x.as_tensor() if hasattr(x, "as_tensor") else x
+        counts = [0] * values.shape[0]
+        for index in slabs(values.shape[1:], values.shape[0]):  # a bounded temporary, not a full-size mask
+            slab = values[index]
+            bad = ~torch.isfinite(slab)
+            counts = [c + int(n) for c, n in zip(counts, bad.reshape(len(counts), -1).sum(dim=1), strict=True)]
+            if self.mode == "zero":
+                slab.masked_fill_(bad, 0.0)
+        count = sum(counts)
         if count and self.mode == "fail":
-            raise NonFiniteError(bad.reshape(x.shape[0], -1).sum(dim=1).tolist(), x[0].numel())
+            raise NonFiniteError(counts, x[0].numel())
         if count:
-            x.masked_fill_(bad, 0.0)
             source = getattr(x, "meta", {}).get("filename_or_obj", "image")
             logger.warning("%s: %d NaN/infinite voxel(s) set to 0 (--nonfinite zero)", source, count)
         return data
