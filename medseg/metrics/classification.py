@@ -14,8 +14,12 @@ Conventions (each matches scikit-learn where scikit-learn has the metric):
 - negative log-likelihood is the mean ``-log p_true`` with ``p`` clipped to ``[1e-15, 1 - 1e-15]``.
 - Brier score follows ``sklearn.metrics.brier_score_loss(scale_by_half="auto")``: ``K == 2`` gives the binary
   score ``mean((p_1 - y)^2)``; ``K > 2`` gives ``mean_i sum_k (p_ik - onehot_ik)^2`` (range ``[0, 2]``).
-- expected calibration error uses the top-label confidence in ``bins`` equal-width bins ``(lo, hi]`` on
-  ``[0, 1]``: ``sum_b |acc_b - conf_b| * n_b / N``.
+- expected calibration error uses the top-label confidence (``max_k p_k``, correct when its argmax, first index on
+  ties, is the truth): ``sum_b |acc_b - conf_b| * n_b / N``, with the bins of
+  :func:`medseg.metrics.calibration.calibration_bins`, torchmetrics' rule: ``[lo, hi)`` on torch's float32 edges,
+  a confidence of exactly 1 in a slot of its own. It equals torchmetrics' ``MulticlassCalibrationError(norm="l1")``
+  for every ``K``, ``K == 2`` included; it is not ``BinaryCalibrationError``, which bins ``p_1`` against ``y``
+  (:class:`medseg.metrics.calibration.BinaryCalibration` does that).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from medseg.metrics.calibration import calibration_bins, calibration_edges, calibration_error
 
 NLL_EPS = 1e-15
 
@@ -182,8 +188,17 @@ def brier_score(y_true: np.ndarray, probabilities: np.ndarray) -> float:
     return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
 
 
+def _top_label(y_true: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N,)`` top-label confidence and ``(N,)`` bool correctness of the argmax (first index on ties)."""
+    y, p = _check_probabilities(y_true, probabilities)
+    return p.max(axis=1), p.argmax(axis=1) == y
+
+
 def reliability_curve(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> dict[str, np.ndarray]:
-    """Top-label reliability diagram data in ``bins`` equal-width confidence bins ``(lo, hi]`` on ``[0, 1]``.
+    """Top-label reliability diagram data in ``bins`` equal-width confidence bins ``[lo, hi)`` on ``[0, 1]``.
+
+    The bins are those of :func:`expected_calibration_error`, except that confidences of exactly 1 (a slot of
+    their own there) are drawn in the last bin, ``[lo, 1]``.
 
     Args:
         y_true: ``(N,)`` class indices.
@@ -194,28 +209,18 @@ def reliability_curve(y_true: np.ndarray, probabilities: np.ndarray, bins: int =
         ``{"edges": (B + 1,), "confidence": (B,), "accuracy": (B,), "count": (B,)}``: mean top-label
         confidence and accuracy of argmax predictions per bin (NaN for empty bins) and the samples per bin.
     """
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
-    y, p = _check_probabilities(y_true, probabilities)
-    confidence = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    index = np.searchsorted(edges[1:-1], confidence, side="left")  # bin b holds edges[b] < c <= edges[b+1]
-    count = np.bincount(index, minlength=bins)
-    sum_conf = np.bincount(index, weights=confidence, minlength=bins)
-    sum_acc = np.bincount(index, weights=correct, minlength=bins)
+    count, sum_conf, sum_acc = calibration_bins(*_top_label(y_true, probabilities), bins)
+    count, sum_conf, sum_acc = (np.r_[a[:-2], a[-2] + a[-1]] for a in (count, sum_conf, sum_acc))
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(count > 0, sum_conf / count, np.nan)
         mean_acc = np.where(count > 0, sum_acc / count, np.nan)
+    edges = calibration_edges(bins).astype(np.float64)
     return {"edges": edges, "confidence": mean_conf, "accuracy": mean_acc, "count": count}
 
 
 def expected_calibration_error(y_true: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
-    """ECE: ``sum_b |acc_b - conf_b| * n_b / N`` over the bins of :func:`reliability_curve`."""
-    curve = reliability_curve(y_true, probabilities, bins)
-    filled = curve["count"] > 0
-    gap = np.abs(curve["accuracy"][filled] - curve["confidence"][filled])
-    return float(np.sum(gap * curve["count"][filled]) / curve["count"].sum())
+    """Top-label ECE ``sum_b |acc_b - conf_b| * n_b / N`` (torchmetrics' ``MulticlassCalibrationError``, l1)."""
+    return calibration_error(*calibration_bins(*_top_label(y_true, probabilities), bins))
 
 
 def classification_metrics(

@@ -1,4 +1,8 @@
-"""ClassificationModule: image -> class, with accuracy, macro F1 and ROC-AUC (torchmetrics, synced across ranks)."""
+"""ClassificationModule: image -> class, with accuracy, macro F1 and ROC-AUC (torchmetrics, synced across ranks).
+
+The logged ROC-AUC (``val/auroc``, ``test/auroc``) is :class:`~medseg.metrics.auroc_metric.ExactAUROC`, the same
+computation as ``medseg evaluate``'s ``auc`` (:func:`medseg.metrics.classification.roc_auc`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,9 @@ from typing import Any
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from medseg.metrics.auroc_metric import ExactAUROC
 from medseg.tasks.base import NOT_SAVED, MedSegModule
 
 
@@ -75,7 +80,7 @@ class ClassificationModule(MedSegModule):
             {
                 "acc": MulticlassAccuracy(num_classes, average="micro"),
                 "f1": MulticlassF1Score(num_classes, average="macro"),
-                "auroc": MulticlassAUROC(num_classes, average="macro"),
+                "auroc": ExactAUROC(num_classes),  # exactly `medseg evaluate`'s AUC
             }
         )
         self.val_metrics = metrics.clone(prefix="val/")
