@@ -35,13 +35,22 @@ _VERSION = re.compile(r"version_(\d+)$")
 
 
 def launched_rank() -> int:
-    """This process's global rank as its launcher (torchrun, srun, Lightning's DDP launcher) set it; 0 when
-    it was started by hand. Known before torch.distributed starts."""
+    """Whether this process is the run's first: 0 for global rank 0, else a positive number. Known before
+    torch.distributed starts.
+
+    torchrun and srun give the exact global rank (``RANK``, ``SLURM_PROCID``). Lightning's own launcher does
+    not say how many devices a node has, so there the value is ``LOCAL_RANK + NODE_RANK``: 0 exactly on the
+    first process of the first node, which is all the callers ask. A node's main process started by hand with
+    ``NODE_RANK=1`` (a multi-node run Lightning launches) is not rank 0 either, before and after Lightning sets
+    its ``LOCAL_RANK``.
+    """
     if os.environ.get("RANK", "").isdigit():  # torchrun
         return int(os.environ["RANK"])
+    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
     if "LOCAL_RANK" in os.environ:  # Lightning's launcher sets it (and NODE_RANK) for the processes it starts
-        node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
-        return int(os.environ["LOCAL_RANK"] or 0) + node  # only whether it is 0 matters here
+        return int(os.environ["LOCAL_RANK"] or 0) + node
+    if node:
+        return node
     if SLURMEnvironment.detect():  # srun tasks; not an interactive SLURM shell, where Lightning launches
         return int(os.environ["SLURM_PROCID"])
     return 0

@@ -14,6 +14,7 @@ import yaml
 
 from medseg.cli import main
 from medseg.data.io import read_header, read_image
+from medseg.data.synthetic import make_synthetic
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -67,7 +68,7 @@ def test_check_data_on_a_folder_without_description(tmp_path: Path, capsys) -> N
     assert "dataset.json" in capsys.readouterr().out
 
 
-def test_print_config_resolves_links_and_defaults(seg3d_root: Path, capsys) -> None:
+def test_print_config_resolves_defaults(seg3d_root: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / "seg3d_unet.yaml"), "--data.root", str(seg3d_root),
               "--trainer.max_epochs", "3", "--print_config"])
@@ -76,6 +77,54 @@ def test_print_config_resolves_links_and_defaults(seg3d_root: Path, capsys) -> N
     assert config["trainer"]["max_epochs"] == 3
     assert config["data"]["root"] == str(seg3d_root)
     assert config["model"]["init_args"]["network"] == "unet"
+    assert config["model"]["init_args"]["network_args"]["channels"] == [16, 32, 64, 128]  # from the YAML
+
+
+@pytest.mark.parametrize("regions", [False, True])
+def test_data_values_reach_the_model(regions: bool, seg3d_regions_root: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every value of DATA_TO_MODEL is stated once (dataset.json and the data config) and linked into the
+    model's hyperparameters and network, replacing the model's own defaults."""
+    import inspect
+
+    import torch
+
+    from medseg.lightning_cli import DATA_TO_MODEL, MedSegCLI
+    from medseg.resume import RUN_FOLDER_ENV
+    from medseg.tasks.segmentation import SegmentationModule
+
+    monkeypatch.setenv(RUN_FOLDER_ENV, "{}")  # the run folder the CLI claims is not left to later tests
+
+    if regions:  # three overlapping regions of label values 1, 2, 3; one channel
+        root, config = seg3d_regions_root, "seg3d_unet_regions.yaml"
+        expected = {"in_channels": 1, "num_classes": 3, "label_names": ["whole", "core", "inner"],
+                    "regions": [[1, 2, 3], [2, 3], [3]]}
+    else:  # two channels, three classes
+        root, config = tmp_path / "two_channels", "seg3d_unet.yaml"
+        make_synthetic(root, dims=3, cases=4, classes=3, size=(16, 16, 8), channels=2, seed=3)
+        expected = {"in_channels": 2, "num_classes": 3, "label_names": ["background", "structure1", "structure2"],
+                    "regions": None}
+    cli = MedSegCLI(args=[
+        "--config", str(CONFIGS / config), "--data.root", str(root), "--trainer.default_root_dir",
+        str(tmp_path / "runs"), "--trainer.accelerator", "cpu", "--data.patch_size", "[16, 16, 8]",
+        "--data.preprocessing", '{"intensity": "ct", "spacing": [1.5, 1.5, 2.0]}',
+        "--model.init_args.network_args", '{"channels": [4, 8, 16]}',
+    ], run=False)
+    hp, dm = cli.model.hparams, cli.datamodule
+    expected |= {"spatial_dims": 3, "roi_size": [16, 16, 8], "preprocessing_spec": dm.preprocessing_spec}
+    assert set(expected) | {"region_order"} == set(DATA_TO_MODEL.values())
+    for name, value in expected.items():
+        assert hp[name] == value, name
+        assert getattr(dm, name) == value, name  # what the data module states, not something of the CLI's own
+    assert hp["region_order"] == dm.region_order
+    assert hp["preprocessing_spec"]["intensity"] == "ct" and hp["preprocessing_spec"]["spacing"] == [1.5, 1.5, 2.0]
+    # The link replaced the model's default, it did not meet it by chance.
+    defaults = {k: v.default for k, v in inspect.signature(SegmentationModule.__init__).parameters.items()}
+    for name in ["num_classes", "label_names", "roi_size", "preprocessing_spec"] + ([] if regions else ["in_channels"]):
+        assert expected[name] != defaults[name], name
+    # The network itself is built from the linked values: 2 (or 1) input channels, 3 output channels.
+    out = cli.model.eval()(torch.zeros(1, expected["in_channels"], 16, 16, 8))
+    assert out.shape == (1, 3, 16, 16, 8)
 
 
 @pytest.mark.slow

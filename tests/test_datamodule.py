@@ -300,11 +300,25 @@ def test_classification_resize_from_patch_size(cls3d: Path) -> None:
     assert explicit.preprocessing_spec["resize"] == [6, 6, 6]
 
 
-def test_rotate90_with_non_square_patch_refused_or_shape_kept(seg3d: Path) -> None:
+def test_rotate90_with_non_square_patch_is_refused_before_training(seg3d: Path, cls3d: Path) -> None:
+    """rotate90 turns axes 0 and 1: a patch (segmentation) or resize (classification) with unequal first two
+    axes would change the batch shape, so the module refuses it when built, naming the size."""
+    with pytest.raises(ValueError, match=r"rotate90 .*needs them equal.*\[16, 8, 4\]"):
+        MedSegDataModule(str(seg3d), patch_size=[16, 8, 4], augmentation={"rotate90": {"prob": 1.0}})
+    with pytest.raises(ValueError, match=r"rotate90 .*\[8, 6, 6\]"):  # classification: the resize counts ...
+        MedSegDataModule(str(cls3d), patch_size=[6, 6, 6], preprocessing={"resize": [8, 6, 6]},
+                         augmentation={"rotate90": {"prob": 1.0}})
+    # ... not the patch size
+    MedSegDataModule(str(cls3d), patch_size=[8, 6, 6], preprocessing={"resize": [6, 6, 8]},
+                     augmentation={"rotate90": {"prob": 1.0}})
+
+
+def test_rotate90_with_square_patch_keeps_the_shape(seg3d: Path) -> None:
     torch.manual_seed(0)
-    try:
-        dm = _dm(seg3d, patch_size=[16, 8, 4], augmentation={"rotate90": {"prob": 1.0}})
-    except ValueError:
-        return  # refused before training: fine
-    for batch in dm.train_dataloader():
-        assert batch["image"].shape[2:] == (16, 8, 4)
+    dm = _dm(seg3d, patch_size=[8, 8, 4], augmentation={"rotate90": {"prob": 1.0}}, val_cases=["case_000", "case_001"])
+    rotations = [t for t in dm.transforms(train=True).transforms if type(t).__name__ == "RandRotate90d"]
+    assert len(rotations) == 1 and rotations[0].prob == 1.0
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2  # 4 training cases, batch_size 2
+    for batch in batches:
+        assert batch["image"].shape == (4, 1, 8, 8, 4) and batch["label"].shape == (4, 1, 8, 8, 4)

@@ -38,24 +38,99 @@ def test_perfect_predictions_and_a_missing_case(seg3d_root: Path, tmp_path: Path
     assert (out / "summary.csv").read_text().startswith("class,metric,mean,std,median,n")
 
 
-def test_scores_match_the_metric_functions(seg3d_root: Path, tmp_path: Path) -> None:
-    from medseg.metrics.segmentation import binary_metrics
+# Anisotropic voxels (mm) along the array axes, the smallest along z; the affine flips x, so the spacing must come
+# from the norms of the affine's columns.
+SPACING = (1.5, 2.0, 0.8)
+BOX = (8, 6, 7)  # a x b x c voxels
 
-    pred = tmp_path / "pred"
-    truth = tmp_path / "truth"
-    expected = []
-    for case in load_dataset(seg3d_root).test:
-        label, affine = read_image(case["label"])
-        eroded = label.copy()
-        eroded[:, :, ::3] = 0  # a damaged prediction
-        write_nifti(eroded.astype(np.uint8), affine, pred / f"{case['id']}.nii.gz")
-        write_nifti(label.astype(np.uint8), affine, truth / f"{case['id']}.nii.gz")
-        expected.append(binary_metrics(eroded == 1, label == 1, np.linalg.norm(affine[:3, :3], axis=0))["dice"])
-    assert main(["evaluate", "--pred", str(pred), "--truth", str(truth), "--output", str(tmp_path / "e")]) == 0
-    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
-    assert summary["per_class"]["1"]["dice"]["mean"] == pytest.approx(np.mean(expected))
-    assert summary["per_class"]["1"]["dice"]["median"] == pytest.approx(np.median(expected))
-    assert 0.3 < summary["foreground_mean"]["dice"] < 0.95
+
+def _boxes_and_blobs() -> tuple[np.ndarray, np.ndarray]:
+    """Reference and prediction label maps (28x22x18); both hold both classes.
+
+    Class 1: a box and the same box shifted by one voxel along z (known in closed form, see the test).
+    Class 2: an ellipsoid and a smaller, diagonally shifted ellipsoid (irregular surfaces: scored by MONAI).
+    """
+    shape = (28, 22, 18)
+    a, b, c = BOX
+    reference = np.zeros(shape, np.uint8)
+    prediction = np.zeros(shape, np.uint8)
+    reference[3:3 + a, 4:4 + b, 3:3 + c] = 1
+    prediction[3:3 + a, 4:4 + b, 4:4 + c] = 1  # z 4..10 instead of 3..9
+    x, y, z = np.indices(shape)
+    reference[((x - 19) / 5.5) ** 2 + ((y - 13) / 5.0) ** 2 + ((z - 9) / 6.5) ** 2 < 1] = 2
+    prediction[((x - 20) / 4.5) ** 2 + ((y - 14) / 5.0) ** 2 + ((z - 11) / 5.5) ** 2 < 1] = 2
+    return reference, prediction
+
+
+def _evaluate_one_case(tmp_path: Path, *options: str) -> dict[int, dict[str, float]]:
+    reference, prediction = _boxes_and_blobs()
+    affine = np.diag([-SPACING[0], SPACING[1], SPACING[2], 1.0])
+    affine[:3, 3] = [30.0, -12.0, 5.0]
+    write_nifti(prediction, affine, tmp_path / "pred" / "case.nii.gz")
+    write_nifti(reference, affine, tmp_path / "truth" / "case.nii.gz")
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
+                 "--output", str(tmp_path / "e"), *options]) == 0
+    with (tmp_path / "e" / "per_case.csv").open() as handle:
+        return {int(r["class"]): {k: float(v) for k, v in r.items() if k not in ("case", "class")}
+                for r in csv.DictReader(handle)}
+
+
+def test_shifted_box_scores_match_closed_form(tmp_path: Path) -> None:
+    """Class 1: an a x b x c box against itself shifted by one voxel along z (dz = 0.8 mm, the smallest spacing).
+
+    Overlap a*b*(c-1): Dice = sensitivity = precision = (c-1)/c, IoU = (c-1)/(c+1), equal volumes.
+    Surface distances are 0 where the two surfaces coincide (the side faces) and dz elsewhere (every other distance
+    is at least the smallest spacing, and the next face lies one z step away): on each side the a*b leading face
+    plus the (a-2)(b-2) inner voxels of the face that now lies inside the other box, out of the
+    a*b*c - (a-2)(b-2)(c-2) surface voxels (the same count on both sides). So HD95 = dz (over 5% are at dz),
+    ASSD = dz * far / surface, and NSD at a 0.5 mm tolerance (< dz) = 1 - far / surface; at 1 mm, NSD = 1.
+    """
+    a, b, c = BOX
+    dz = SPACING[2]
+    far, surface = a * b + (a - 2) * (b - 2), a * b * c - (a - 2) * (b - 2) * (c - 2)
+    tight = _evaluate_one_case(tmp_path / "tight", "--nsd-tolerance", "0.5")[1]
+    assert tight["dice"] == pytest.approx((c - 1) / c)
+    assert tight["iou"] == pytest.approx((c - 1) / (c + 1))
+    assert tight["sensitivity"] == pytest.approx((c - 1) / c) and tight["precision"] == pytest.approx((c - 1) / c)
+    assert tight["volume_diff_ml"] == pytest.approx(0.0, abs=1e-12)
+    assert tight["hd95"] == pytest.approx(dz)
+    assert tight["assd"] == pytest.approx(dz * far / surface)
+    assert tight["nsd"] == pytest.approx(1 - far / surface)
+    assert _evaluate_one_case(tmp_path / "loose", "--nsd-tolerance", "1.0")[1]["nsd"] == pytest.approx(1.0)
+
+
+def test_irregular_scores_match_monai(tmp_path: Path) -> None:
+    """Both classes against MONAI's own metric functions, with the same anisotropic spacing."""
+    import torch
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_dice,
+        compute_hausdorff_distance,
+        compute_surface_dice,
+    )
+
+    reference, prediction = _boxes_and_blobs()
+    rows = _evaluate_one_case(tmp_path, "--nsd-tolerance", "1.0")
+    assert sorted(rows) == [1, 2]
+
+    def one_hot(labels: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.stack([labels == k for k in (0, 1, 2)])[None].astype(np.float32))
+
+    pred, ref, spacing = one_hot(prediction), one_hot(reference), list(SPACING)
+    expected = {
+        "dice": compute_dice(pred, ref, include_background=False)[0],
+        "hd95": compute_hausdorff_distance(pred, ref, percentile=95, spacing=spacing)[0],
+        "assd": compute_average_surface_distance(pred, ref, symmetric=True, spacing=spacing)[0],
+        "nsd": compute_surface_dice(pred, ref, class_thresholds=[1.0, 1.0], spacing=spacing)[0],
+    }
+    for cls in (1, 2):
+        for metric, values in expected.items():
+            assert rows[cls][metric] == pytest.approx(float(values[cls - 1]), rel=1e-5), (cls, metric)
+        voxel_ml = float(np.prod(SPACING)) / 1000
+        n_pred, n_ref = (prediction == cls).sum(), (reference == cls).sum()
+        assert rows[cls]["volume_diff_ml"] == pytest.approx((n_pred - n_ref) * voxel_ml)
+    # The ellipsoids overlap only in part: the values are far from both a perfect and a missed prediction.
+    assert 0.3 < rows[2]["dice"] < 0.9 and rows[2]["hd95"] > 1.0
 
 
 def test_a_prediction_on_another_grid_is_refused(seg3d_root: Path, tmp_path: Path, capsys) -> None:

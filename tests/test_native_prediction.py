@@ -2,7 +2,8 @@
 
 A threshold "network" (foreground where the image is > 0.5) is identity-like: its prediction of a mask image
 must give back the mask, voxel for voxel when nothing is resampled, and up to the nearest-neighbour edge
-error (under 2% of voxels, centroid within half a resampled voxel) when the preprocessing resamples.
+error (a Dice that a shifted or flipped grid does not reach, no net shift of the centroid) when the preprocessing
+resamples.
 """
 
 from __future__ import annotations
@@ -65,18 +66,33 @@ def test_reorientation_and_crop_invert_exactly(kind: str, crop: bool, tmp_path: 
     assert np.array_equal(prediction, mask.astype(prediction.dtype))
 
 
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+# Dice of the mask (1031 voxels, 4% of the volume) with a wrong grid, measured once:
+#   the mask shifted by one voxel: 0.910 along x or y, 0.813 along z (its 2 mm axis);
+#   the mask flipped: 0.124 along x, 0.729 along y, 0.813 along z.
+# Measured Dice of the (correct) predictions: 1.0 (0.999 permuted) at [1.3, 0.7, 1.7] mm, 0.919-0.963 at
+# [2, 2, 3] mm, where nearest-neighbour resampling by 2 moves each edge by up to one input voxel; there a
+# prediction shifted by one voxel scores 0.79-0.81 along z but 0.888-0.911 along x or y: Dice catches every flip
+# and z shift, and the centroid check below (measured error <= 0.13 voxel per axis) the x/y shifts above 0.9.
 @pytest.mark.parametrize("kind", ["lps", "oblique", "permuted"])
-@pytest.mark.parametrize("spacing", [[1.3, 0.7, 1.7], [2.0, 2.0, 3.0]])
-def test_resampling_inverts_to_the_input_grid(kind: str, spacing: list[float], tmp_path: Path) -> None:
+@pytest.mark.parametrize(("spacing", "min_dice"), [([1.3, 0.7, 1.7], 0.99), ([2.0, 2.0, 3.0], 0.9)])
+def test_resampling_inverts_to_the_input_grid(kind: str, spacing: list[float], min_dice: float,
+                                              tmp_path: Path) -> None:
     mask = _mask((40, 34, 18))
     affine = _affine(kind, (1.0, 1.0, 2.0))
     path = write_nifti(mask, affine, tmp_path / f"{kind}.nii.gz")
     prediction = predict_segmentation(_model(spacing, False), str(path))
     assert prediction.shape == mask.shape
-    assert float(np.mean(prediction != mask)) < 0.02  # nearest-neighbour edges only
+    assert set(np.unique(prediction).tolist()) <= {0, 1}
+    assert _dice(prediction == 1, mask == 1) >= min_dice
 
-    def centroid(a: np.ndarray) -> np.ndarray:
-        return (affine @ np.r_[np.argwhere(a == 1).mean(0), 1.0])[:3]
+    def centroid(a: np.ndarray) -> np.ndarray:  # in input voxels, along each array axis
+        return np.argwhere(a == 1).mean(0)
 
-    # No shift, only edge noise: the centroid stays within half a resampled voxel (a bug shifts by whole voxels).
-    assert np.linalg.norm(centroid(prediction) - centroid(mask)) < 0.5 * max(spacing)
+    # Edge noise only, no net shift: under 0.3 input voxel along every axis (one-voxel shift: 1.0; a shift by
+    # half a resampled voxel, the usual corner/centre confusion: 0.75 to 1.0).
+    assert np.abs(centroid(prediction) - centroid(mask)).max() < 0.3

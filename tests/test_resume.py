@@ -98,24 +98,58 @@ def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(
     assert code == 2 and "version_1 has no checkpoints/last.ckpt" in capsys.readouterr().err
 
 
+def _launcher_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """Exactly ``env`` of the variables launchers set (none inherited from the shell running the tests)."""
+    for name in list(os.environ):
+        if name.startswith("SLURM_") or name in (
+            "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.mark.parametrize(
     ("env", "rank"),
     [
-        ({}, 0),
-        ({"RANK": "3", "LOCAL_RANK": "1"}, 3),  # torchrun
-        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash"}, 1),  # salloc shell
-        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, 1),
-        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train"}, 2),  # srun
+        ({}, 0),  # started by hand
+        # torchrun, 2 nodes x 4 processes: RANK is the global rank (LOCAL_RANK + GROUP_RANK would give 2, not 5)
+        ({"RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, 0),
+        ({"RANK": "3", "LOCAL_RANK": "3", "GROUP_RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, 3),
+        ({"RANK": "5", "LOCAL_RANK": "1", "GROUP_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, 5),
+        ({"RANK": "4", "LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, 4),
+        # srun, 2 nodes x 4 tasks: SLURM_PROCID is the global rank
+        ({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NTASKS": "8",
+          "SLURM_JOB_NAME": "train"}, 0),
+        ({"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NODEID": "1", "SLURM_NTASKS": "8",
+          "SLURM_JOB_NAME": "train"}, 6),
+        # Lightning's own launcher, one node of 4 devices: the processes it starts get LOCAL_RANK (= global rank)
+        ({"LOCAL_RANK": "3", "NODE_RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1"}, 3),
+        # ... inside an interactive SLURM allocation (salloc shell: job name bash), where Lightning launches, not
+        # srun: SLURM_PROCID 0 is the shell's, not this process's rank
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash"}, 1),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "interactive"}, 0),
+        # ... 2 nodes x 1 device: the process on node 1 has global rank 1 (with several devices per node the global
+        # rank, NODE_RANK * devices + LOCAL_RANK, is not in the environment: launched_rank() then gives
+        # LOCAL_RANK + NODE_RANK, right only in being 0 or not)
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node0"}, 1),
+        # GROUP_RANK when NODE_RANK is not set
+        ({"LOCAL_RANK": "0", "GROUP_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node0"}, 1),
     ],
 )
 def test_launched_rank_reads_the_launcher_that_started_the_process(
     env: dict[str, str], rank: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_JOB_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    assert (launched_rank() == 0) == (rank == 0)
+    _launcher_env(monkeypatch, env)
+    assert launched_rank() == rank
+
+
+def test_launched_rank_of_the_main_process_on_node_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning's "general purpose cluster": the user sets these on node 1 and runs medseg fit there; its global
+    # rank is NODE_RANK * devices (1 with one device per node), never 0.
+    _launcher_env(monkeypatch, {"NODE_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"})
+    assert launched_rank() == 1  # --trainer.devices 1
 
 
 def test_resume_of_another_model_or_other_classes_is_refused(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import csv
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from medseg.cli import main
@@ -29,9 +33,25 @@ def _fit(config: str, root: Path, out: Path, *extra: str) -> MedSegCLI:
     )
 
 
+class SpoilBeforeLastValidation(pl.Callback):
+    """Zero every weight just before the last validation: that validation is then the worst (Dice 0), so the
+    best checkpoint is necessarily an earlier one and the in-memory model is not it."""
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    parameter.zero_()
+
+
+SPOIL = json.dumps({"class_path": f"{__name__}.SpoilBeforeLastValidation"})
+STEPS_PER_EPOCH = 3  # 10 training cases (12 minus 2 validation patients' cases), batches of 4
+
+
 @pytest.fixture(scope="module")
 def trained_seg2d(seg2d_root: Path, tmp_path_factory: pytest.TempPathFactory) -> MedSegCLI:
-    """A small 2D U-Net trained for 25 epochs on 3-class synthetic data."""
+    """A small 2D U-Net trained for 25 epochs on 3-class synthetic data (validated every 5), its weights
+    spoiled before the last validation."""
     out = tmp_path_factory.mktemp("fit2d")
     return _fit(
         "seg2d_unet.yaml", seg2d_root, out,
@@ -39,13 +59,41 @@ def trained_seg2d(seg2d_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "--model.init_args.network_args", '{"channels": [8, 16, 32, 64]}',
         "--model.init_args.optimizer.init_args.lr", "0.01",
         "--data.patch_size", "[48, 48]", "--data.samples_per_volume", "2", "--data.batch_size", "4",
+        "--trainer.callbacks+", SPOIL,
     )
 
 
-def test_segmentation_fit_learns(trained_seg2d: MedSegCLI) -> None:
+def _validation_rows(cli: MedSegCLI) -> list[dict[str, str]]:
+    with (Path(cli.trainer.log_dir) / "metrics.csv").open() as handle:
+        return [row for row in csv.DictReader(handle) if row.get("val/dice")]
+
+
+def test_segmentation_fit_learns_and_keeps_the_best_checkpoint(trained_seg2d: MedSegCLI) -> None:
     callback = trained_seg2d.trainer.checkpoint_callback
-    # Two foreground classes on held-out patients: chance level is far below 0.8.
-    assert float(callback.best_model_score) >= 0.8
+    assert callback.monitor == "val/dice" and callback.mode == "max"
+    rows = _validation_rows(trained_seg2d)
+    assert [int(r["epoch"]) for r in rows] == [4, 9, 14, 19, 24]
+    best_row = max(rows, key=lambda r: float(r["val/dice"]))
+    best = float(best_row["val/dice"])
+    assert float(rows[-1]["val/dice"]) < 0.1 < best  # the spoiled last validation is not the best
+    # The best checkpoint is the one of the highest logged val/dice, saved at that validation ...
+    assert float(callback.best_model_score) == pytest.approx(best, rel=1e-6)
+    path = Path(callback.best_model_path)
+    assert path.name == f"best-epoch{int(best_row['epoch']):03d}.ckpt"
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, "last.ckpt"])  # save_top_k 1
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["epoch"] == int(best_row["epoch"])
+    # (metrics.csv logs the 0-based index of the last step, the checkpoint the number of steps taken)
+    assert checkpoint["global_step"] == (int(best_row["epoch"]) + 1) * STEPS_PER_EPOCH == int(best_row["step"]) + 1
+    # ... and its weights score that val/dice again on the validation cases.
+    module = SegmentationModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    again = trainer.validate(module, datamodule=trained_seg2d.datamodule, verbose=False)[0]
+    assert again["val/dice"] == pytest.approx(best, abs=1e-5)
+    # Two foreground classes on held-out patients: chance level is far below these.
+    assert best >= 0.8
+    assert float(best_row["val/dice_class1"]) >= 0.7 and float(best_row["val/dice_class2"]) >= 0.7
     metrics = trained_seg2d.trainer.callback_metrics
     assert {"val/dice", "val/dice_class1", "val/dice_class2", "val/loss", "train/loss_epoch"} <= set(metrics)
 
@@ -71,8 +119,13 @@ def test_checkpoint_reloads_with_weights_only(trained_seg2d: MedSegCLI) -> None:
     assert hp["roi_size"] == [48, 48] and hp["preprocessing_spec"]["intensity"] == "mri"
     assert ckpt["medseg_task"] == "segmentation"
 
-    x = torch.randn(1, 1, 48, 48)
-    reference = trained_seg2d.model.eval().cpu()(x)
+    # Reference: the network the CLI built, carrying the checkpoint's weights (the in-memory model holds the
+    # spoiled last weights, not the best).
+    x = torch.randn(1, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    reference_model = copy.deepcopy(trained_seg2d.model).cpu().eval()
+    reference_model.load_state_dict(ckpt["state_dict"])
+    reference = reference_model(x)
+    assert reference.std() > 0 and not torch.allclose(trained_seg2d.model.cpu().eval()(x), reference)
     rebuilt = load_model(path)  # no YAML: network, arguments, preprocessing come from the checkpoint
     assert torch.allclose(rebuilt.net(x), reference, atol=1e-5)
     module = SegmentationModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
