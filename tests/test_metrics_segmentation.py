@@ -15,6 +15,7 @@ from monai.metrics import (
     compute_surface_dice,
 )
 
+from medseg.metrics.conventions import EmptyMaskRules
 from medseg.metrics.segmentation import METRICS, binary_metrics, case_metrics
 
 
@@ -89,10 +90,14 @@ def test_empty_mask_conventions() -> None:
     both = binary_metrics(empty, empty, (1.0, 1.0))
     assert both["dice"] == 1.0 and both["hd95"] == 0.0 and both["nsd"] == 1.0
     assert math.isnan(both["sensitivity"]) and math.isnan(both["precision"])
-    missed = binary_metrics(empty, full, (1.0, 1.0))
-    assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0 and math.isnan(missed["hd95"])
-    spurious = binary_metrics(full, empty, (1.0, 1.0), empty_distance=99.0)
+    missed = binary_metrics(empty, full, (1.0, 2.0))
+    # The default distance penalty is the image diagonal in mm: 8 x 1 mm by 8 x 2 mm, sqrt(8^2 + 16^2).
+    assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0 and missed["hd95"] == pytest.approx(320 ** 0.5)
+    spurious = binary_metrics(full, empty, (1.0, 1.0), rules=EmptyMaskRules(distance_penalty=99.0))
     assert spurious["precision"] == 0.0 and spurious["hd95"] == 99.0 and spurious["assd"] == 99.0
+    asked = binary_metrics(full, empty, (1.0, 1.0), rules=EmptyMaskRules(float("nan"), "nan"))
+    assert math.isnan(asked["hd95"]) and asked["dice"] == 0.0  # a spurious structure is never left out
+    assert math.isnan(binary_metrics(empty, empty, (1.0, 1.0), rules=EmptyMaskRules(float("nan"), "nan"))["dice"])
 
 
 def test_case_metrics_scores_every_class() -> None:

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,19 @@ from medseg.data.io import (
     spacing_from_affine,
     write_csv,
 )
-from medseg.metrics.segmentation import METRICS, case_metrics, region_metrics
+from medseg.evaluation.calibration_scores import (
+    CALIBRATION_METRICS,
+    CalibrationScores,
+    probability_channels,
+    reliability_diagram,
+    structures_of,
+)
+from medseg.metrics.conventions import EmptyMaskRules
+from medseg.metrics.segmentation import METRICS, both_empty_metrics, case_metrics, region_metrics
 
-SUMMARY_STATS = ("mean", "std", "median", "n")
+SUMMARY_STATS = ("mean", "std", "median", "n", "undefined")
+# Metrics whose NaN comes from an explicit request (--both-empty nan, --empty-distance nan): warned when averaged.
+RULED_METRICS = ("dice", "iou", "nsd", "hd95", "assd")
 
 
 def reference_cases(
@@ -59,27 +70,35 @@ def evaluate_segmentation(
     truth: str | Path | dict[str, str],
     output: str | Path,
     nsd_tolerance_mm: float = 1.0,
-    empty_distance: float = float("nan"),
+    rules: EmptyMaskRules | None = None,
     classes: list[int] | None = None,
     regions: dict[str, list[int]] | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    probabilities: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score every prediction ``<pred>/<case>.nii.gz`` against its reference; write the tables.
 
-    ``classes`` (foreground label values) overrides what the references declare or contain; ``regions``
-    (name -> label values; default: what a ``dataset.json`` declares) scores regions instead of classes.
-    ``max_voxels`` bounds what an image header may claim.
+    Every case is scored on the same classes, however the truth is given: ``classes`` (foreground label
+    values, ``--labels``), else those a ``dataset.json`` declares, else every foreground value the reference
+    files hold. A class absent from a case's reference and prediction scores by ``rules.both_empty``; a
+    predicted value outside those classes counts as background (and is reported, see ``undeclared_labels``).
+    ``regions`` (name -> label values; default: what a ``dataset.json`` declares) scores regions instead.
+    ``rules`` are the empty-mask rules (:mod:`medseg.metrics.conventions`); ``max_voxels`` bounds what an
+    image header may claim. ``probabilities`` (default ``<pred>/probabilities`` when it exists, from ``medseg
+    predict --save-probabilities``) adds ECE, Brier and NLL per case and structure, their pooled values, and
+    ``reliability.png``.
 
     Returns:
         The summary dict written to ``summary.json``.
     """
-    pred, output = Path(pred), Path(output)
+    pred, output, rules = Path(pred), Path(output), rules or EmptyMaskRules()
     references, declared, declared_regions = reference_cases(truth)
     classes = classes or declared
     regions = regions or declared_regions
     predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
     matched = sorted(set(references) & set(predictions))
-    declared_values = None if classes is None else {0, *classes}
+    calibration = _calibration(pred, probabilities, matched, classes, regions)
+    calibrated: dict[tuple[str, Any], dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     predicted: dict[str, dict[float, int]] = {}  # voxels of each predicted value, per case
     in_truth: set[float] = set()  # label values the reference files hold
@@ -91,40 +110,78 @@ def evaluate_segmentation(
                              f"{references[case]} {reference.shape} (shape or affine)")
         values, counts = np.unique(prediction, return_counts=True)
         predicted[case] = {float(v): int(n) for v, n in zip(values, counts, strict=True)}
-        if declared_values is None:
-            in_truth |= {float(v) for v in np.unique(reference)}
+        truth_values = {float(v) for v in np.unique(reference)}
+        in_truth |= truth_values
         spacing = spacing_from_affine(affine, reference.ndim)
         if regions:
             scores: dict[Any, dict[str, float]] = region_metrics(
-                prediction.round(), reference.round(), spacing, regions, nsd_tolerance_mm, empty_distance)
-        else:
-            found = classes or sorted(int(v) for v in set(np.unique(reference).tolist()) | set(predicted[case]) if v > 0)
-            scores = case_metrics(prediction.round(), reference.round(), spacing, found, nsd_tolerance_mm, empty_distance)
+                prediction.round(), reference.round(), spacing, regions, nsd_tolerance_mm, rules)
+        else:  # without declared classes: every value either side holds; those the truth never holds go below
+            found = classes or sorted(int(v) for v in truth_values | set(predicted[case]) if v > 0)
+            scores = case_metrics(prediction.round(), reference.round(), spacing, found, nsd_tolerance_mm, rules)
         rows += [{"case": case, "class": c, **values} for c, values in scores.items()]
-    summary = summarize(rows)
+        if calibration is not None:
+            calibrated |= {(case, c): v for c, v in calibration.case(case, reference, affine).items()}
+    if not regions and classes is None:  # the classes are those the reference files hold, in every case
+        classes = sorted(int(v) for v in in_truth if v > 0)
+        rows = _on_classes(rows, matched, classes, rules)
+    metrics = list(METRICS)
+    if calibration is not None:
+        metrics += CALIBRATION_METRICS
+        calibration.keep(list(regions) if regions else classes)
+        nan = dict.fromkeys(CALIBRATION_METRICS, float("nan"))
+        rows = [{**row, **calibrated.get((row["case"], row["class"]), nan)} for row in rows]
+    declared_values = None if regions else {0.0, *(float(c) for c in classes)}
+    summary = summarize(rows, metrics)
     summary["cases"] = len(matched)
+    summary["classes"] = list(regions) if regions else classes
     summary["missing_predictions"] = sorted(set(references) - set(predictions))
     summary["unmatched_predictions"] = sorted(set(predictions) - set(references))
+    summary["rules"] = rules.describe()
     summary["conventions"] = _convention_counts(rows)
+    summary["left_out"] = left_out(summary)
     summary["undeclared_labels"] = _undeclared(predicted, declared_values, in_truth, predictions)
     output.mkdir(parents=True, exist_ok=True)
-    write_csv(output / "per_case.csv", rows, ["case", "class", *METRICS])
+    if calibration is not None:
+        summary["calibration"] = calibration.summary()
+        reliability_diagram(calibration, output / "reliability.png")
+    write_csv(output / "per_case.csv", rows, ["case", "class", *metrics])
     write_csv(output / "summary.csv", _summary_rows(summary), ["class", "metric", *SUMMARY_STATS])
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(_nan_to_none(summary), handle, indent=2)
     return summary
 
 
-def _undeclared(predicted: dict[str, dict[float, int]], declared: set[int] | None, in_truth: set[float],
-                files: dict[str, str]) -> dict[str, Any]:
-    """Predicted label values the truth does not declare, warned per file and counted.
+def _calibration(pred: Path, probabilities: str | Path | None, cases: list[str], classes: list[int] | None,
+                 regions: dict[str, list[int]] | None) -> CalibrationScores | None:
+    """The calibration scorer of the saved probabilities, or ``None`` when there are none. Without declared
+    classes every foreground channel is scored (the classes are settled after the last case)."""
+    folder = Path(probabilities) if probabilities is not None else pred / "probabilities"
+    if probabilities is not None and not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder of probabilities (medseg predict --save-probabilities)")
+    first = next((folder / f"{case}.npz" for case in cases if (folder / f"{case}.npz").is_file()), None)
+    if first is None:
+        return None
+    if not regions and classes is None:
+        classes = list(range(1, probability_channels(first)))
+    return CalibrationScores(folder, structures_of(classes, regions))
 
-    With declared classes (a ``dataset.json``, or ``classes``), other values count as background in the scores.
-    With a folder of label files, the values those files hold are the declared ones; another value is scored
-    as a class of its own (Dice 0 where the truth has none).
-    """
-    allowed = {float(v) for v in declared} if declared is not None else in_truth
-    effect = "they count as background" if declared is not None else "they are scored as a class of their own"
+
+def _on_classes(rows: list[dict[str, Any]], cases: list[str], classes: list[int],
+                rules: EmptyMaskRules) -> list[dict[str, Any]]:
+    """The rows of ``classes`` only, with a both-empty row where a case had none of a class on either side."""
+    scored = {(r["case"], r["class"]): r for r in rows}
+    return [scored.get((case, c)) or {"case": case, "class": c, **both_empty_metrics(rules)}
+            for case in cases for c in classes]
+
+
+def _undeclared(predicted: dict[str, dict[float, int]], declared: set[float] | None, in_truth: set[float],
+                files: dict[str, str]) -> dict[str, Any]:
+    """Predicted label values outside the scored classes, warned per file and counted; they count as background
+    in the scores. ``declared`` is background and the scored classes (``None`` for regions: the values the
+    reference files hold)."""
+    allowed = declared if declared is not None else in_truth
+    effect = "they count as background"
     by_case: dict[str, dict[str, int]] = {}
     for case, counts in predicted.items():
         extra = {v: n for v, n in counts.items() if v not in allowed}
@@ -137,30 +194,38 @@ def _undeclared(predicted: dict[str, dict[float, int]], declared: set[int] | Non
     return {"cases": len(by_case), "voxels": sum(sum(v.values()) for v in by_case.values()), "by_case": by_case}
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, std, median and count (NaN ignored) of each metric per class, and the foreground mean
-    (the mean over classes of the per-class means)."""
+def summarize(rows: list[dict[str, Any]], metrics: Sequence[str] = METRICS) -> dict[str, Any]:
+    """Mean, std, median and count of each metric per class, and the foreground mean (the mean over classes of
+    the per-class means). NaN values are left out of the statistics and counted as ``undefined``."""
     per_class: dict[str, Any] = {}
     names = list(dict.fromkeys(r["class"] for r in rows))  # regions: in their declared order
     for c in sorted(names) if all(isinstance(c, int) for c in names) else names:
-        per_class[str(c)] = {m: _stats([r[m] for r in rows if r["class"] == c]) for m in METRICS}
+        per_class[str(c)] = {m: _stats([r[m] for r in rows if r["class"] == c]) for m in metrics}
     foreground = {
         m: float(np.nanmean([v[m]["mean"] for v in per_class.values()])) if per_class else float("nan")
-        for m in METRICS
+        for m in metrics
     }
     return {"per_class": per_class, "foreground_mean": foreground}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
     finite = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
+    undefined = len(values) - len(finite)
     if not len(finite):
-        return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0}
+        return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0, "undefined": undefined}
     return {"mean": float(finite.mean()), "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0,
-            "median": float(np.median(finite)), "n": int(len(finite))}
+            "median": float(np.median(finite)), "n": int(len(finite)), "undefined": undefined}
+
+
+def left_out(summary: dict[str, Any]) -> dict[str, int]:
+    """How many case/class pairs each of :data:`RULED_METRICS` left out of its means (NaN by request)."""
+    counts = {m: sum(stats[m]["undefined"] for stats in summary["per_class"].values()) for m in RULED_METRICS}
+    return {m: n for m, n in counts.items() if n}
 
 
 def _convention_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
-    """How many case/class pairs hit an empty-mask convention (see medseg.metrics.segmentation)."""
+    """How many case/class pairs hit an empty-mask rule (see medseg.metrics.conventions): both empty, a missed
+    structure (prediction empty) and a spurious one (reference empty); the last two get the distance penalty."""
     both = sum(1 for r in rows if math.isnan(r["sensitivity"]) and math.isnan(r["precision"]))
     missed = sum(1 for r in rows if r["sensitivity"] == 0.0 and math.isnan(r["precision"]))
     spurious = sum(1 for r in rows if r["precision"] == 0.0 and math.isnan(r["sensitivity"]))
@@ -169,7 +234,7 @@ def _convention_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [{"class": c, "metric": m, **s} for c, metrics in summary["per_class"].items() for m, s in metrics.items()]
-    rows += [{"class": "foreground", "metric": m, "mean": v, "std": "", "median": "", "n": ""}
+    rows += [{"class": "foreground", "metric": m, "mean": v, "std": "", "median": "", "n": "", "undefined": ""}
              for m, v in summary["foreground_mean"].items()]
     return rows
 

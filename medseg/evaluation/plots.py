@@ -72,6 +72,27 @@ def reliability_png(y_true: np.ndarray, probabilities: np.ndarray, path: Path, b
     return save_figure(fig, path)
 
 
+def reliability_lines(curves: dict[str, dict[str, Sequence[float]]], path: Path, title: str) -> Path:
+    """Reliability diagram of several curves (e.g. one per class, or per model and class): observed frequency
+    against mean predicted probability per bin, with the bins' counts below (log scale).
+
+    Args:
+        curves: label -> ``{"confidence", "frequency", "count"}`` of the non-empty bins (see
+            :meth:`medseg.metrics.calibration.BinaryCalibration.curve`).
+    """
+    plt = pyplot()
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+    for i, (label, curve) in enumerate(curves.items()):
+        if len(curve["count"]):
+            ax.plot(curve["confidence"], curve["frequency"], marker="o", ms=3, color=f"C{i}", label=label)
+            counts.plot(curve["confidence"], curve["count"], marker=".", color=f"C{i}")
+    ax.set(ylabel="observed frequency", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize="small", loc="upper left")
+    counts.set(xlabel="predicted probability", ylabel="count", yscale="log")
+    return save_figure(fig, path)
+
+
 def confusion_png(y_true: np.ndarray, y_pred: np.ndarray, names: Sequence[str], path: Path) -> Path:
     """Counts with truth as rows and prediction as columns."""
     matrix = confusion_matrix(y_true, y_pred, len(names))

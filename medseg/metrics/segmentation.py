@@ -5,18 +5,20 @@ border counting as outside), and surface distances are Euclidean distances in mm
 the other surface (``scipy.ndimage.distance_transform_edt`` with the spacing), as MONAI's
 ``get_mask_edges``/``get_surface_distance`` compute them.
 
-Conventions for empty masks (the summary counts how many cases hit each):
+Empty masks follow :mod:`medseg.metrics.conventions` (one set of rules for validation and evaluation):
 
 =====================  ========================  =====================================================
 reference / prediction  both empty                one empty
 =====================  ========================  =====================================================
-dice, iou               1.0                       0.0
-hd95, assd              0.0                       ``empty_distance`` (NaN by default, or a worst value)
-nsd                     1.0                       0.0
+dice, iou, nsd          ``rules.both_empty`` (1)  0.0
+hd95, assd              0.0                       ``rules.distance_penalty`` (the image diagonal in mm)
 sensitivity             NaN (no positives)        0.0 if the prediction is empty, NaN if the reference is
 precision               NaN (no predictions)      0.0 if the reference is empty, NaN if the prediction is
 volume_diff_ml          0.0                       predicted minus reference volume, as always
 =====================  ========================  =====================================================
+
+Sensitivity and precision are NaN where undefined, and the summaries count those pairs (they are how a missed
+or spurious structure is recognised in a table).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from medseg.metrics.conventions import EmptyMaskRules, dice_from_counts
 
 METRICS = ("dice", "iou", "hd95", "assd", "nsd", "volume_diff_ml", "sensitivity", "precision")
 
@@ -53,7 +57,7 @@ def binary_metrics(
     reference: np.ndarray,
     spacing: Sequence[float],
     nsd_tolerance_mm: float = 1.0,
-    empty_distance: float = float("nan"),
+    rules: EmptyMaskRules | None = None,
 ) -> dict[str, float]:
     """All metrics of one binary mask pair (see the module docstring for the empty-mask conventions).
 
@@ -61,7 +65,7 @@ def binary_metrics(
         prediction, reference: masks ``(X, Y[, Z])`` on one grid.
         spacing: voxel size in mm along each axis.
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
-        empty_distance: hd95/assd when exactly one mask is empty.
+        rules: the empty-mask rules (default: Metrics Reloaded's, :class:`EmptyMaskRules`).
     """
     pred = np.asarray(prediction, dtype=bool)
     ref = np.asarray(reference, dtype=bool)
@@ -74,12 +78,14 @@ def binary_metrics(
         "sensitivity": tp / n_ref if n_ref else float("nan"),
         "precision": tp / n_pred if n_pred else float("nan"),
     }
+    rules = rules or EmptyMaskRules()
     if not n_pred and not n_ref:
-        return {**out, "dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0}
-    out["dice"] = 2.0 * tp / (n_pred + n_ref)
+        return both_empty_metrics(rules)
+    out["dice"] = dice_from_counts(tp, n_pred, n_ref, rules.both_empty)
     out["iou"] = tp / (n_pred + n_ref - tp)
     if not n_pred or not n_ref:
-        return {**out, "hd95": empty_distance, "assd": empty_distance, "nsd": 0.0}
+        penalty = rules.penalty_mm(pred.shape, spacing)
+        return {**out, "hd95": penalty, "assd": penalty, "nsd": 0.0}
     to_ref, to_pred = surface_distances(pred, ref, spacing)
     out["hd95"] = float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
     out["assd"] = float(np.concatenate([to_ref, to_pred]).mean())
@@ -88,13 +94,20 @@ def binary_metrics(
     return out
 
 
+def both_empty_metrics(rules: EmptyMaskRules | None = None) -> dict[str, float]:
+    """The metrics of a structure neither mask holds (they do not depend on the image)."""
+    empty = (rules or EmptyMaskRules()).both_empty
+    return {"volume_diff_ml": 0.0, "sensitivity": float("nan"), "precision": float("nan"), "dice": empty,
+            "iou": empty, "hd95": 0.0, "assd": 0.0, "nsd": empty}
+
+
 def case_metrics(
     prediction: np.ndarray,
     reference: np.ndarray,
     spacing: Sequence[float],
     classes: Sequence[int],
     nsd_tolerance_mm: float = 1.0,
-    empty_distance: float = float("nan"),
+    rules: EmptyMaskRules | None = None,
 ) -> dict[int, dict[str, float]]:
     """Metrics of one case for every foreground class: ``{class: {metric: value}}``.
 
@@ -104,7 +117,7 @@ def case_metrics(
         classes: the foreground label values to score (a class absent from both scores as "both empty").
     """
     return {
-        int(c): binary_metrics(prediction == c, reference == c, spacing, nsd_tolerance_mm, empty_distance)
+        int(c): binary_metrics(prediction == c, reference == c, spacing, nsd_tolerance_mm, rules)
         for c in classes
     }
 
@@ -115,12 +128,12 @@ def region_metrics(
     spacing: Sequence[float],
     regions: Mapping[str, Sequence[int]],
     nsd_tolerance_mm: float = 1.0,
-    empty_distance: float = float("nan"),
+    rules: EmptyMaskRules | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of one case for every region (a set of label values, e.g. a tumour core {2, 3}):
     ``{region name: {metric: value}}``, the mask of a region being ``label in values`` on both sides."""
     return {
         str(name): binary_metrics(np.isin(prediction, list(values)), np.isin(reference, list(values)), spacing,
-                                  nsd_tolerance_mm, empty_distance)
+                                  nsd_tolerance_mm, rules)
         for name, values in regions.items()
     }

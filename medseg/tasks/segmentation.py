@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import torch
-from monai.metrics import compute_dice
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
 from medseg.errors import ConfigError
@@ -14,6 +13,7 @@ from medseg.inference.members import Layout, MemberWindows
 from medseg.inference.outputs import OutputSpec
 from medseg.inference.window import Window, stitch
 from medseg.losses import loss_activation
+from medseg.metrics.conventions import mask_dice
 from medseg.tasks.base import NOT_SAVED, MedSegModule
 
 
@@ -39,6 +39,10 @@ class SegmentationModule(MedSegModule):
         roi_size: sliding-window roi (linked from ``data.patch_size``).
         sw_batch_size: windows per forward pass at validation/prediction.
         overlap: sliding-window overlap.
+        dice_both_empty: ``val/dice`` of a structure absent from both a case's reference and its prediction:
+            1 (Metrics Reloaded; the rule ``medseg evaluate`` reports with, see
+            :mod:`medseg.metrics.conventions`), or NaN to leave such pairs out. A structure predicted where the
+            reference has none always scores 0, so over-segmentation costs Dice when the checkpoint is chosen.
         preprocessing_spec: the effective preprocessing spec (linked from the data; saved for prediction).
         pretrained: local file with a compatible state dict to start from (never downloaded).
         freeze_encoder: freeze the encoder after loading ``pretrained``.
@@ -66,6 +70,7 @@ class SegmentationModule(MedSegModule):
         roi_size: list[int] | None = None,
         sw_batch_size: int = 4,
         overlap: float = 0.25,
+        dice_both_empty: float = 1.0,
         preprocessing_spec: dict[str, Any] | None = None,
         pretrained: str | None = None,
         freeze_encoder: bool = False,
@@ -83,8 +88,8 @@ class SegmentationModule(MedSegModule):
         _check_regions(num_classes, regions, region_order, loss, loss_args)
         self.outputs = OutputSpec.from_hparams(self.hparams)  # what prediction rebuilds from the checkpoint
         self.window = Window.from_hparams(self.hparams)
-        # Dice per case and scored structure (NaN where the structure is absent from the case's reference:
-        # MONAI's ignore_empty, left out of that structure's mean), gathered on the CPU over an epoch.
+        # Dice per case and scored structure under medseg's empty-mask rules (medseg.metrics.conventions),
+        # gathered on the CPU over an epoch.
         self._dice_rows: list[torch.Tensor] = []
         self._cpu_loss: torch.nn.Module | None = None
 
@@ -126,7 +131,7 @@ class SegmentationModule(MedSegModule):
         self._log_eval_loss(stage, loss.to(self.device), image.shape[0])
         predicted = torch.stack([self.outputs.masks(self.outputs.decode(p)) for p in probabilities])
         reference = torch.stack([self.outputs.masks(case[0].to(torch.int16)) for case in label])
-        self._dice_rows.append(compute_dice(predicted, reference, include_background=True, ignore_empty=True).cpu())
+        self._dice_rows.append(mask_dice(predicted, reference, self.hparams.dice_both_empty).float().cpu())
         return loss
 
     def _loss_on_cpu(self) -> torch.nn.Module:
@@ -145,7 +150,7 @@ class SegmentationModule(MedSegModule):
         sums, counts = dice_sums(rows.to(self.device))
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        per_structure = (sums / counts).float()  # NaN where a structure is absent from every case
+        per_structure = (sums / counts).float()  # NaN only where every pair was left out (dice_both_empty=nan)
         # sync_dist averages values that are already equal on every process (Lightning asks for it).
         self.log(f"{stage}/dice", torch.nanmean(per_structure), prog_bar=True, sync_dist=True)
         for suffix, value in zip(self.outputs.metric_suffixes, per_structure, strict=True):
@@ -197,12 +202,12 @@ def dice_summary(per_case: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean Dice and Dice per class from a per-case table.
 
     Args:
-        per_case: ``(N, K-1)`` Dice of each case and foreground class; NaN where the class is absent from
-            the case's reference.
+        per_case: ``(N, K-1)`` Dice of each case and foreground class; NaN where a pair is left out (a class
+            absent from both masks, under ``dice_both_empty=nan``).
 
     Returns:
-        ``(mean, per_class)``: ``per_class`` ``(K-1,)`` averages the cases where the class is present (NaN
-        if it is absent from every case); ``mean`` averages the classes that are not NaN.
+        ``(mean, per_class)``: ``per_class`` ``(K-1,)`` averages the cases whose value is not NaN (NaN if
+        none is); ``mean`` averages the classes that are not NaN.
     """
     per_class = torch.nanmean(per_case.float(), dim=0)
     return torch.nanmean(per_class), per_class

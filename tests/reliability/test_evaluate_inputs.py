@@ -77,7 +77,9 @@ def test_with_a_folder_of_labels_a_value_no_label_file_holds_is_warned(seg3d_roo
     _paint(path, 9, np.s_[-1, -1, -3:])
     result = medseg("evaluate", "--pred", pred, "--truth", seg3d_root / "labelsTs", "--output", tmp_path / "ev")
     assert result.code == 0
-    assert f"{path}: label value(s) [9] (3 voxel(s)) are not in the truth's labels [0, 1]; they are scored as a " \
-        "class of their own" in result.err
+    assert f"{path}: label value(s) [9] (3 voxel(s)) are not in the truth's labels [0, 1]; they count as " \
+        "background" in result.err
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["undeclared_labels"]["by_case"] == {"case_007": {"9": 3}}
+    # Scored as with a dataset.json: class 1 only (the 9s are background), not a phantom class 9.
+    assert list(summary["per_class"]) == ["1"] and summary["classes"] == [1]
