@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,41 +100,11 @@ def _first_process() -> bool:
 
 
 def run_lightning(argv: list[str]) -> int:
-    """Run ``fit``/``validate``/``test`` through :class:`MedSegCLI`."""
-    import warnings
+    """Run ``fit``/``validate``/``test`` (see :func:`medseg.training.run_cli`)."""
+    from medseg.training import run_cli
 
-    from medseg.lightning_cli import MedSegCLI
-    from medseg.resume import RUN_FOLDER_ENV, launched_rank, release_empty_run_folder
-
-    if launched_rank() == 0:
-        os.environ.pop(RUN_FOLDER_ENV, None)  # a folder an earlier run in this process claimed is not ours
-    with warnings.catch_warnings():  # `args` are this process's own command line, passed on explicitly
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        try:
-            MedSegCLI(args=argv)
-        except BaseException as err:
-            release_empty_run_folder()
-            refusal = _medseg_error(err)
-            if refusal is None or refusal is err:
-                raise
-            raise refusal from err
+    run_cli(argv)
     return 0
-
-
-def _medseg_error(err: BaseException) -> BaseException | None:
-    """The medseg refusal behind ``err``, if any: jsonargparse wraps an error raised while it builds the model
-    (e.g. a region dataset with a softmax loss) into a ValueError that prints the whole config."""
-    from medseg.data.datalist import DatasetError
-    from medseg.errors import ConfigError, ResumeError
-
-    seen: set[int] = set()
-    cause: BaseException | None = err
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, (ConfigError, ResumeError, DatasetError)):
-            return cause
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def _demo(argv: list[str]) -> int:
@@ -168,6 +137,9 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--ensemble", choices=("mean", "vote"), default="mean", help="how members combine")
     parser.add_argument("--postprocess", default=None, help="post-processing spec: JSON/YAML file or JSON text")
     parser.add_argument("--save-probabilities", action="store_true", help="probabilities/<case>.npz: float16 (K, ...) + affine")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="calibration.json of medseg cv: its temperature rescales the probabilities (the labels "
+                             "do not change)")
     parser.add_argument("--save-uncertainty", action="store_true", help="entropy (+ member variance) maps")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda[:N]")
     parser.add_argument("--devices", type=int, default=1, help="worker processes, one per GPU (cuda:0..N-1)")
@@ -203,7 +175,7 @@ def _predict(argv: list[str]) -> int:
         output=Path(args.output), tta=args.tta, tta_axes=args.tta_axes, ensemble=args.ensemble, postprocess=steps,
         save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=args.device,
         precision=args.precision, overwrite=args.overwrite, resume=args.resume, shard=shard,
-        nonfinite=args.nonfinite, max_voxels=args.max_voxels,
+        nonfinite=args.nonfinite, max_voxels=args.max_voxels, calibration=args.calibration,
     )
     try:
         report = predict_batch(args.ckpt, args.input, options, devices=args.devices)
@@ -225,12 +197,16 @@ def _cv(argv: list[str]) -> int:
         prog="medseg cv", description=_doc("cv"),
         epilog="Any other argument is a `medseg fit` override applied to every fold, e.g. --trainer.max_epochs 1",
     )
-    parser.add_argument("--config", required=True, help="the training config (as for medseg fit)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the training config (as for medseg fit); repeat to apply several in order")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--strategy", choices=STRATEGIES, default="kfold")
     parser.add_argument("--holdout-fraction", type=float, default=0.2)
-    parser.add_argument("--fold", type=int, default=None, help="run this fold only")
-    parser.add_argument("--seed", type=int, default=0, help="split and training seed")
+    parser.add_argument("--fold", type=int, default=None,
+                        help="train and predict this fold only (run folds in parallel, one GPU or node each; a "
+                             "later plain `medseg cv` collects them)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the split, and of each fold's training, sampling and augmentation")
     parser.add_argument("--output", required=True)
     args, overrides = parser.parse_known_args(argv)
     try:
@@ -239,6 +215,10 @@ def _cv(argv: list[str]) -> int:
     except ValueError as err:
         print(f"medseg cv: {err}", file=sys.stderr)
         return 2
+    if args.fold is not None:
+        print(f"fold {args.fold} trained and predicted in {Path(args.output) / f'fold_{args.fold}'}; run medseg cv "
+              "without --fold, once every fold is done, for the pooled evaluation")
+        return 0
     metrics = result.get("metrics", {})
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("dice", "hd95", "nsd", "accuracy", "auc", "f1_macro")}
     print(f"cross-validation ({result['folds']} folds) in {args.output}: {shown}")
@@ -246,7 +226,7 @@ def _cv(argv: list[str]) -> int:
 
 
 def _benchmark(argv: list[str]) -> int:
-    from medseg.evaluation.benchmark import run_benchmark
+    from medseg.evaluation.benchmark import run_benchmark, run_dataset_benchmark
     from medseg.evaluation.splits import STRATEGIES
 
     parser = argparse.ArgumentParser(
@@ -258,9 +238,16 @@ def _benchmark(argv: list[str]) -> int:
     parser.add_argument("--strategy", choices=STRATEGIES, default="kfold")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--datasets", nargs="+", metavar="DIR",
+                        help="dataset folders or dataset.json files: benchmark the configs on each (into "
+                             "OUTPUT/<dataset folder name>/) and rank the models across them")
     args, overrides = parser.parse_known_args(argv)
     try:
-        run_benchmark(args.configs, args.output, args.folds, args.strategy, args.seed, overrides)
+        if args.datasets:
+            run_dataset_benchmark(args.configs, args.datasets, args.output, args.folds, args.strategy, args.seed,
+                                  overrides)
+        else:
+            run_benchmark(args.configs, args.output, args.folds, args.strategy, args.seed, overrides)
     except ValueError as err:
         print(f"medseg benchmark: {err}", file=sys.stderr)
         return 2
@@ -270,28 +257,48 @@ def _benchmark(argv: list[str]) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     from medseg.evaluation.evaluate import evaluate_classification, evaluate_segmentation
+    from medseg.metrics.conventions import EmptyMaskRules
 
     parser = argparse.ArgumentParser(prog="medseg evaluate", description=_doc("evaluate"))
     parser.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions, or predictions.csv")
     parser.add_argument("--truth", required=True, help="folder of reference label files, or a dataset.json")
     parser.add_argument("--output", required=True, help="folder for per_case.csv, summary.csv, summary.json")
+    parser.add_argument("--labels", type=_labels, default=None, metavar="1,2",
+                        help="foreground label values to score in every case (default: a dataset.json's labels, "
+                             "else every value the reference files hold)")
     parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
-    parser.add_argument("--empty-distance", type=float, default=float("nan"),
-                        help="hd95/assd when exactly one mask is empty (default NaN: left out of the means)")
+    parser.add_argument("--empty-distance", default="diagonal", metavar="diagonal|MM|nan",
+                        help="hd95/assd of a missed or spurious structure: the image diagonal in mm (default), a "
+                             "number of mm, or nan to leave such pairs out of the means (counted and warned)")
+    parser.add_argument("--probabilities", default=None, metavar="DIR",
+                        help="saved probabilities (medseg predict --save-probabilities; default PRED/probabilities "
+                             "when it exists): adds ECE, Brier and NLL per case and class, and reliability.png")
+    parser.add_argument("--both-empty", default="1", choices=("1", "nan"),
+                        help="dice/iou/nsd of a structure absent from both masks: 1 (default), or nan to leave "
+                             "such pairs out")
     _max_voxels_option(parser)
     args = parser.parse_args(argv)
     pred = Path(args.pred)
     try:
+        rules = EmptyMaskRules.parse(args.both_empty, args.empty_distance)
         if pred.suffix == ".csv" or (pred / "predictions.csv").is_file():
             return _report_classification(evaluate_classification(pred, args.truth, args.output), args.output)
-        summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, args.empty_distance,
-                                        max_voxels=args.max_voxels)
+        summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, rules,
+                                        classes=args.labels, max_voxels=args.max_voxels,
+                                        probabilities=args.probabilities)
     except ValueError as err:
         print(f"medseg evaluate: {err}", file=sys.stderr)
         return 2
-    fg = summary["foreground_mean"]
+    fg, hits = summary["foreground_mean"], summary["conventions"]
     print(f"{summary['cases']} case(s): foreground mean Dice {fg['dice']:.4f}, HD95 {fg['hd95']:.2f} mm, "
           f"NSD {fg['nsd']:.4f}; tables in {args.output}")
+    missed = hits["prediction_empty"] + hits["reference_empty"]
+    if missed:
+        print(f"  {hits['prediction_empty']} missed and {hits['reference_empty']} spurious structure(s): Dice 0, "
+              f"HD95/ASSD {args.empty_distance}{'' if args.empty_distance == 'nan' else ' (penalty)'}")
+    for metric, count in summary["left_out"].items():
+        print(f"warning: {metric}: {count} case/class pair(s) are undefined (nan by request) and left out of its "
+              "means", file=sys.stderr)
     for key in ("missing_predictions", "unmatched_predictions"):
         if summary[key]:
             print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)
@@ -300,6 +307,17 @@ def _evaluate(argv: list[str]) -> int:
         print(f"  undeclared label values: {undeclared['voxels']} voxel(s) in {undeclared['cases']} case(s) "
               "(summary.json: undeclared_labels)", file=sys.stderr)
     return 1 if summary["missing_predictions"] else 0
+
+
+def _labels(text: str) -> list[int]:
+    """Foreground label values written ``1,2,3``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give foreground label values > 0, e.g. 1,2")
+    return sorted(set(values))
 
 
 def _report_classification(summary: dict, output: str) -> int:

@@ -80,7 +80,7 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0) -> dict[str, A
     Returns:
         ``{"mean_dice": float, "dice": {case_id: float}, "checkpoint": str, "seconds": float, "picture": str}``.
     """
-    from medseg.lightning_cli import MedSegCLI
+    from medseg.training import fit
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -90,8 +90,7 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0) -> dict[str, A
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(root, out, epochs or EPOCHS, seed), sort_keys=False))
     print(f"[2/3] training a 3D U-Net: medseg fit --config {config_path}")
-    cli = MedSegCLI(args=["fit", "--config", str(config_path)])
-    checkpoint = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+    checkpoint = fit(["--config", str(config_path)]).best
     print(f"[3/3] predicting the held-out cases with {checkpoint}")
     model = load_model(checkpoint)
     scores: dict[str, float] = {}

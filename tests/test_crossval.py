@@ -85,4 +85,5 @@ def test_held_out_cases_are_predicted_on_the_device_the_fold_trained_on(seg2d_ro
             '{"channels": [4, 8, 16]}', *FAST, "--output", str(tmp_path / "d")]
     assert main(args) == 0
     assert seen == ["cpu"]  # the trainer's device (`--trainer.accelerator cpu`), not a default
-    assert json.loads((tmp_path / "d" / "cv.json").read_text())["device"] == "cpu"
+    assert json.loads((tmp_path / "d" / "fold_0" / "fold.json").read_text())["device"] == "cpu"
+    assert not (tmp_path / "d" / "cv.json").exists()  # one fold: no pooled result yet

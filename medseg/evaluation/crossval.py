@@ -1,14 +1,24 @@
-"""``medseg cv``: train every fold through ``medseg fit``, predict each fold's held-out cases through the same
-path as ``medseg predict``, and evaluate the pooled out-of-fold predictions.
+"""``medseg cv``: train every fold through :func:`medseg.training.fit`, predict each fold's held-out cases through
+the same path as ``medseg predict``, and evaluate the pooled out-of-fold predictions.
+
+The stages talk through files, so folds can run apart and a stopped run continues:
+
+* ``medseg cv ... --fold K`` trains and predicts fold K only (one GPU or node each, in parallel); a later plain
+  ``medseg cv`` with the same output collects them: it trains and predicts only what is missing, then makes the
+  pooled evaluation, the post-processing choice and the calibration.
+* a fold killed while training resumes from its ``last.ckpt``; one killed while predicting predicts only the
+  cases without a prediction.
 
 Output folder::
 
     splits.json                 the folds (reused on the next run)
-    fold_<k>/                   each fold's run (config.yaml, checkpoints/, metrics.csv, ...)
-    predictions/                out-of-fold <case>.nii.gz (segmentation), or fold_<k>/predictions.csv
-                                merged into predictions.csv (classification)
+    fold_<k>/                   each fold's run (<config>/version_N/: config.yaml, checkpoints/, metrics.csv)
+    fold_<k>/fold.json          the fold's checkpoint and timings once trained; "predicted" once predicted
+    predictions/                out-of-fold <case>.nii.gz and probabilities/ (segmentation), or
+                                fold_<k>/predictions.csv merged into predictions.csv (classification)
     per_case.csv, summary.*     the evaluation of the pooled predictions
     postprocessing.json         segmentation: the post-processing that helped on them (``predict --postprocess``)
+    calibration.json            the temperature fitted on them (``predict --calibration``)
     cv.json                     folds, checkpoints and the headline metrics
 """
 
@@ -17,12 +27,10 @@ from __future__ import annotations
 import csv
 import json
 import shlex
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
 from medseg.data.io import atomic_path, read_image, spacing_from_affine, write_csv
@@ -33,17 +41,18 @@ from medseg.inference.batch import PredictOptions, predict_batch
 from medseg.inference.postprocess import save_postprocessing
 from medseg.metrics.classification import classification_metrics
 
+FOLD_FILE = "fold.json"
 
-def dataset_of(config: str | Path, overrides: list[str]) -> DatasetSpec:
-    """The dataset a config trains on: ``data.root`` of the YAML, or of a ``--data.root`` override."""
-    root = (yaml.safe_load(Path(config).read_text()) or {}).get("data", {}).get("root")
-    for i, arg in enumerate(overrides):
-        if arg == "--data.root" and i + 1 < len(overrides):
-            root = overrides[i + 1]
-        elif arg.startswith("--data.root="):
-            root = arg.split("=", 1)[1]
+
+def dataset_of(configs: str | Path | list[str | Path], overrides: list[str]) -> DatasetSpec:
+    """The dataset a training run would use: ``data.root`` after every config file and override is applied."""
+    from medseg.training import resolved_data
+
+    configs = configs if isinstance(configs, list) else [configs]
+    args = [arg for config in configs for arg in ("--config", str(config))] + list(overrides)
+    root = resolved_data(args).get("root")
     if not root:
-        raise ValueError(f"{config}: no data.root (give --data.root DIR)")
+        raise ValueError(f"{configs[0]}: no data.root (give --data.root DIR)")
     return load_dataset(root)
 
 
@@ -53,7 +62,7 @@ def predict_device(trainer: Any) -> str:
 
 
 def run_cv(
-    config: str | Path,
+    config: str | Path | list[str | Path],
     output: str | Path,
     folds: int = 5,
     strategy: str = "kfold",
@@ -62,63 +71,111 @@ def run_cv(
     seed: int = 0,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Cross-validate ``config``; see the module docstring. ``overrides`` are ``medseg fit`` arguments applied to
-    every fold (e.g. ``["--trainer.max_epochs", "1"]``); ``fold`` runs one fold only (no pooled evaluation).
-    """
-    from medseg.lightning_cli import MedSegCLI
-    from medseg.resume import saved_checkpoint
+    """Cross-validate ``config`` (one file, or several applied in order as ``--config`` repeated); see the module
+    docstring. ``overrides`` are ``medseg fit`` arguments applied to every fold (e.g. ``["--trainer.max_epochs",
+    "1"]``); ``fold`` trains and predicts that fold only (no pooled evaluation); ``seed`` is the split's, and
+    each fold's ``seed_everything`` and ``data.seed`` (sampling and augmentation).
 
+    Returns:
+        ``cv.json``'s content (with ``fold``: that fold's record only, and ``cv.json`` is not written).
+    """
     output, overrides = Path(output), list(overrides or [])
-    spec = dataset_of(config, overrides)
+    configs = [Path(c) for c in (config if isinstance(config, list) else [config])]
+    spec = dataset_of(configs, overrides)
     splits = load_or_make_splits(output / "splits.json", spec.training, strategy=strategy, folds=folds, seed=seed,
                                  holdout_fraction=holdout_fraction)
     chosen = [fold] if fold is not None else list(range(len(splits)))
     for k in chosen:
         fold_of(splits, k)  # out of range: an error before anything trains
-    by_id = {case["id"]: case for case in spec.training}
-    checkpoints: dict[int, str] = {}
-    timing = {"train_seconds": 0.0, "predict_seconds": 0.0, "predicted_cases": 0}
-    log_dirs: dict[int, str] = {}
-    parameters = 0
-    device = "auto"
-    for k in chosen:
-        val = fold_of(splits, k)["val"]
-        start = time.perf_counter()
-        cli = MedSegCLI(args=[
-            "fit", "--config", str(config), *overrides, "--data.val_cases", json.dumps(val),
-            "--trainer.default_root_dir", str(output / f"fold_{k}"), "--seed_everything", str(seed),
-        ], single_process=True)  # a DDP launcher would re-run the whole `medseg cv` command in each process
-        timing["train_seconds"] += time.perf_counter() - start
-        checkpoints[k] = saved_checkpoint(cli.trainer, "best")
-        log_dirs[k] = str(cli.trainer.log_dir)
-        parameters = sum(p.numel() for p in cli.model.net.parameters())
-        start = time.perf_counter()
-        # Segmentation writes one file per case, so every fold shares one folder (its run.json lists each
-        # fold's model and cases); classification writes one table per run, so each fold has its own, merged
-        # below.
-        target = output / "predictions" / ("" if spec.task == SEGMENTATION else f"fold_{k}")
-        device = predict_device(cli.trainer)
-        max_voxels = cli.datamodule.hparams.max_voxels  # the images passed the data checks at this limit
-        predict_batch(
-            [checkpoints[k]], None, PredictOptions(output=target, overwrite=True, device=device, mix_models=True,
-                                                   max_voxels=max_voxels),
-            cases=[{"id": i, "image": by_id[i]["image"]} for i in val],
-        )
-        timing["predict_seconds"] += time.perf_counter() - start
-        timing["predicted_cases"] += len(val)
+    records = {k: _run_fold(spec, configs, overrides, output, k, fold_of(splits, k)["val"], seed) for k in chosen}
+    if fold is not None:
+        return records[fold]
     result: dict[str, Any] = {
-        "config": str(config), "overrides": shlex.join(overrides), "strategy": strategy, "folds": len(splits),
-        "checkpoints": checkpoints, "log_dirs": log_dirs, "parameters": parameters, "task": spec.task,
-        "device": device, "max_voxels": max_voxels,
-        "train_seconds": timing["train_seconds"],
-        "predict_seconds_per_case": timing["predict_seconds"] / max(timing["predicted_cases"], 1),
+        "config": str(configs[0]), "configs": [str(c) for c in configs], "overrides": shlex.join(overrides),
+        "strategy": strategy, "folds": len(splits), "seed": seed, "task": spec.task,
+        "checkpoints": {k: r["checkpoint"] for k, r in records.items()},
+        "log_dirs": {k: r["log_dir"] for k, r in records.items()},
+        "parameters": records[0]["parameters"], "device": records[0]["device"],
+        "max_voxels": records[0]["max_voxels"],
+        "train_seconds": sum(r["train_seconds"] for r in records.values()),
+        "predict_seconds_per_case": sum(r["predict_seconds"] for r in records.values())
+        / max(sum(len(r["cases"]) for r in records.values()), 1),
     }
-    if fold is None:
-        held_out = {i for split in splits for i in split["val"]}  # all cases, except with holdout
-        result["metrics"] = _evaluate_pooled(spec, output, held_out, max_voxels)
+    held_out = {i for split in splits for i in split["val"]}  # all cases, except with holdout
+    result["metrics"] = _evaluate_pooled(spec, output, held_out, result["max_voxels"])
+    result["calibration"] = _calibrate(spec, output, held_out, records[0], seed)
     with atomic_path(output / "cv.json") as tmp, open(tmp, "w") as handle:
         json.dump(result, handle, indent=2, default=str)
     return result
+
+
+def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], output: Path, k: int,
+              val: list[str], seed: int) -> dict[str, Any]:
+    """Train fold ``k`` (or resume it, or find it trained) and predict its held-out cases (or the missing ones);
+    returns its ``fold.json`` record."""
+    import time
+
+    from medseg.training import fit, resumable_checkpoint
+
+    folder = output / f"fold_{k}"
+    record = _read_record(folder / FOLD_FILE, val)
+    trained_now = record is None
+    if record is None:
+        resume = resumable_checkpoint(folder / configs[0].stem)
+        args = [arg for config in configs for arg in ("--config", str(config))]
+        args += [*overrides, "--data.val_cases", json.dumps(val), "--trainer.default_root_dir", str(folder)]
+        if resume is not None:
+            print(f"medseg cv: fold {k}: resuming from {resume}")
+            args += ["--ckpt_path", str(resume)]
+        # One process: a DDP launcher would re-run the whole `medseg cv` command in each process.
+        result = fit(args, seed=seed, single_process=True)
+        record = {"fold": k, "cases": val, "checkpoint": result.best, "last": result.last,
+                  "log_dir": result.log_dir, "parameters": result.parameters, "train_seconds": result.seconds,
+                  "device": predict_device(result.cli.trainer),
+                  # the images passed the data checks at this limit
+                  "max_voxels": result.cli.datamodule.hparams.max_voxels, "predicted": False}
+        _write_record(folder / FOLD_FILE, record)
+    if not record["predicted"]:
+        start = time.perf_counter()
+        by_id = {case["id"]: case for case in spec.training}
+        # Segmentation writes one file per case, so every fold shares one folder (its run.json lists each
+        # fold's model and cases); classification writes one table per run, so each fold has its own, merged
+        # after. A fold trained earlier predicts only its cases without a prediction.
+        target = output / "predictions" / ("" if spec.task == SEGMENTATION else f"fold_{k}")
+        options = PredictOptions(output=target, overwrite=trained_now, resume=not trained_now,
+                                 device=record["device"], mix_models=True, max_voxels=record["max_voxels"],
+                                 save_probabilities=spec.task == SEGMENTATION)
+        report = predict_batch([record["checkpoint"]], None, options,
+                               cases=[{"id": i, "image": by_id[i]["image"]} for i in val])
+        if report.failed:
+            raise ValueError(f"fold {k}: {len(report.failed)} held-out case(s) failed to predict: "
+                             + "; ".join(report.failed.values()))
+        record.update(predicted=True, predict_seconds=time.perf_counter() - start)
+        _write_record(folder / FOLD_FILE, record)
+    return record
+
+
+def _read_record(path: Path, val: list[str]) -> dict[str, Any] | None:
+    """A fold's record when it is trained for these held-out cases and its checkpoint is still there."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a fold record ({err}); delete it to train the fold again") from err
+    if sorted(record.get("cases", [])) != sorted(val):
+        raise ValueError(f"{path}: the fold was trained on other held-out cases than splits.json gives; "
+                         "use another --output, or delete the fold's folder to train it again")
+    if not Path(record.get("checkpoint", "")).is_file():
+        raise ValueError(f"{path}: its checkpoint {record.get('checkpoint')} is gone; delete {path} to train the "
+                         "fold again")
+    return record
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        json.dump(record, handle, indent=2)
 
 
 def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str], max_voxels: int) -> dict[str, Any]:
@@ -136,14 +193,40 @@ def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str], max_vo
         with table.open(newline="") as handle:
             rows += list(csv.DictReader(handle))
     write_csv(output / "predictions" / "predictions.csv", rows)
-    truth = {c["id"]: c["label"] for c in spec.training}
-    names = spec.label_names
-    y_true = np.array([truth[row["case"]] for row in rows])
-    probabilities = np.array([[float(row[f"p_{name}"]) for name in names] for row in rows])
-    metrics = classification_metrics(y_true, probabilities, names)
+    y_true, probabilities = _pooled_classification(spec, output)
+    metrics = classification_metrics(y_true, probabilities, spec.label_names)
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(metrics, handle, indent=2)
     return metrics
+
+
+def _calibrate(spec: DatasetSpec, output: Path, held_out: set[str], record: dict[str, Any],
+               seed: int) -> dict[str, Any]:
+    """Fit the temperature on the out-of-fold probabilities; write ``calibration.json``."""
+    from medseg.evaluation.calibrate import CALIBRATION_FILE, fit_and_save, segmentation_sample
+
+    facts = {"fitted_on": "out-of-fold probabilities of medseg cv", "cases": len(held_out)}
+    if spec.task != SEGMENTATION:
+        y, p = _pooled_classification(spec, output)
+        return fit_and_save(p, y, "softmax", output / CALIBRATION_FILE, facts)
+    from medseg.inference.outputs import OutputSpec
+    from medseg.resume import checkpoint_summary
+
+    activation = OutputSpec.from_hparams(checkpoint_summary(Path(record["checkpoint"]))["hyper_parameters"]).activation
+    references = {c["id"]: c["label"] for c in spec.training if c["id"] in held_out}
+    regions = [values for _, values in spec.regions] if spec.regions else None
+    p, y = segmentation_sample(output / "predictions" / "probabilities", references, activation, regions, seed,
+                               record["max_voxels"])
+    return fit_and_save(p, y, activation, output / CALIBRATION_FILE, {**facts, "voxels": len(p)})
+
+
+def _pooled_classification(spec: DatasetSpec, output: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Class indices ``(N,)`` and probabilities ``(N, K)`` of the pooled ``predictions/predictions.csv``."""
+    with (output / "predictions" / "predictions.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    truth = {c["id"]: c["label"] for c in spec.training}
+    y = np.array([truth[row["case"]] for row in rows])
+    return y, np.array([[float(row[f"p_{name}"]) for name in spec.label_names] for row in rows])
 
 
 def _choose_postprocessing(spec: DatasetSpec, output: Path, classes: list[int], held_out: set[str],

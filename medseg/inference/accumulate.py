@@ -108,12 +108,22 @@ class NativeAccumulator:
                        out=self.values[layout.any_foreground])
         self.members = n
 
-    def finish(self, probabilities: bool = False, uncertainty: bool = False) -> CaseMaps:
-        """The label map and the asked-for maps (views of the accumulator where possible)."""
+    def finish(self, probabilities: bool = False, uncertainty: bool = False, temperature: float = 1.0) -> CaseMaps:
+        """The label map and the asked-for maps (views of the accumulator where possible).
+
+        ``temperature`` (``medseg predict --calibration``) rescales the mean probabilities in place, slab by slab,
+        before the entropy is taken; the label map does not change (:mod:`medseg.metrics.temperature`).
+        """
         if self.values is None:
             raise ValueError("no group was added")
         layout, outputs, values = self.layout, self.outputs, self.values
         mean = values[layout.mean]
+        if temperature != 1.0:
+            from medseg.arrays import slabs
+            from medseg.metrics.temperature import apply_temperature
+
+            for part in slabs(mean.shape[1:], outputs.channels):
+                mean[part] = apply_temperature(mean[part], temperature, outputs.activation)
         tensor = torch.from_numpy(mean)
         if layout.vote is not None:
             labels = outputs.decode_votes(torch.from_numpy(values[layout.vote]), tensor, self.members)

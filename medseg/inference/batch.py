@@ -56,7 +56,8 @@ class PredictOptions:
     ``shard`` is ``(K, N)``: predict part K (from 0) of N; ``nonfinite`` is ``fail`` (a case with NaN/Inf
     voxels fails, naming the file and the count) or ``zero`` (they are predicted as 0); ``max_voxels`` bounds
     what an input header may claim; ``mix_models`` lets runs of different models share the output folder on
-    disjoint cases (cross-validation's out-of-fold predictions; see :mod:`medseg.inference.output_folder`).
+    disjoint cases (cross-validation's out-of-fold predictions; see :mod:`medseg.inference.output_folder`);
+    ``calibration`` is a ``calibration.json`` (from ``medseg cv``) whose temperature rescales the probabilities.
     """
 
     output: Path
@@ -74,6 +75,7 @@ class PredictOptions:
     nonfinite: str = "fail"
     max_voxels: int = DEFAULT_MAX_VOXELS
     mix_models: bool = False
+    calibration: str | None = None
 
 
 @dataclass
@@ -117,12 +119,14 @@ def predict_batch(
     if options.nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be one of {list(NONFINITE_MODES)}, got {options.nonfinite!r}")
     options = replace(options, device=resolve_device(options.device))
+    temperature = _temperature(options.calibration, models[0])
     if cases is None:
         cases = find_cases(source, models[0].hparams["in_channels"], exclude=options.output)
     if options.shard is not None:
         cases = shard_cases(cases, *options.shard)
     # What the windows really run at ("auto" differs between a GPU and the CPU) is what a prediction depends on.
     recorded = {**asdict(options), "precision_option": options.precision,
+                "calibration": temperature if options.calibration else None,
                 "precision": [str(window_dtype(options.precision, options.device, m.precision) or torch.float32)
                               for m in models]}
     folder = OutputFolder(options.output, checkpoint_facts(checkpoints), recorded,
@@ -254,15 +258,21 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
     """Predict one prepared case; returns the job that writes its outputs."""
     flips = _flips(first, options)
     case = prepared.case
+    temperature = _temperature(options.calibration, first)
     if first.task != "segmentation":
         members = classify(prepared, groups, flips, options.device, options.precision)
         probabilities, label = combine([m.reshape(-1, 1) for m in members], options.ensemble)
+        if temperature != 1.0:
+            from medseg.metrics.temperature import apply_temperature
+
+            probabilities = apply_temperature(probabilities, temperature, "softmax")
         names = first.label_names
         row: dict[str, Any] = {"case": case["id"], "prediction": names[int(label[0])]}
         row.update({f"p_{name}": float(p) for name, p in zip(names, probabilities[:, 0], strict=True)})
         return lambda: table.append(row) if table is not None else None
     maps = segment(prepared, groups, flips, options.device, options.precision, options.ensemble,
-                   probabilities=options.save_probabilities, uncertainty=options.save_uncertainty)
+                   probabilities=options.save_probabilities, uncertainty=options.save_uncertainty,
+                   temperature=temperature)
     # What waits for the writer holds no view of the float32 accumulator, so that is freed now.
     if maps.probabilities is not None:
         maps.probabilities = maps.probabilities.astype(np.float16)
@@ -281,6 +291,20 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
         write_case_maps(CaseFiles.of(case["id"], options.output), maps, affine, names)
 
     return write
+
+
+def _temperature(calibration: str | None, first: LoadedModel) -> float:
+    """The temperature of a ``calibration.json`` (1 without one), refused when it was fitted on another kind of
+    output than this model's (softmax or sigmoid)."""
+    if calibration is None:
+        return 1.0
+    from medseg.metrics.temperature import load_calibration
+
+    fitted = load_calibration(calibration)
+    activation = first.outputs.activation if first.task == "segmentation" else "softmax"
+    if fitted["activation"] != activation:
+        raise ValueError(f"{calibration}: fitted on {fitted['activation']} outputs, but this model's are {activation}")
+    return float(fitted["temperature"])
 
 
 def background_stages(device: str) -> bool:

@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - not POSIX: no locks, run.json still gu
 
 RUN_FILE = "run.json"
 LOCK_PREFIX = ".medseg-predict"
-IDENTITY_OPTIONS = ("tta", "tta_axes", "ensemble", "precision", "postprocess")
+IDENTITY_OPTIONS = ("tta", "tta_axes", "ensemble", "precision", "postprocess", "calibration")
 """Options that change a case's prediction: runs that differ in them do not share a folder."""
 RECORDED_OPTIONS = (*IDENTITY_OPTIONS, "precision_option", "nonfinite", "save_probabilities", "save_uncertainty")
 _TEMPORARY = re.compile(r"^\.(?P<final>.+)\.[a-z0-9_]{8}(?P<suffix>\.nii\.gz|\.[A-Za-z0-9]+)$")

@@ -139,6 +139,7 @@ def segment(
     ensemble: str = "mean",
     probabilities: bool = False,
     uncertainty: bool = False,
+    temperature: float = 1.0,
 ) -> CaseMaps:
     """Every member of every group on one case, combined on the input's grid.
 
@@ -152,6 +153,7 @@ def segment(
         ensemble: ``"mean"`` (argmax of the mean probability) or ``"vote"``.
         probabilities: keep the mean probabilities for writing.
         uncertainty: compute entropy, member variance and the case's doubt score.
+        temperature: rescales the combined probabilities (``--calibration``; 1 = as predicted).
     """
     if ensemble not in ("mean", "vote"):
         raise ValueError(f"unknown ensemble mode {ensemble!r}; valid: ['mean', 'vote']")
@@ -174,7 +176,7 @@ def segment(
         channel = functools.partial(_invert_from, stitched, x, group.preprocess)
         accumulator.add_group(channel, predictor.members, spare, coverage)
         del stitched, spare, coverage, channel
-    return accumulator.finish(probabilities=probabilities, uncertainty=uncertainty)
+    return accumulator.finish(probabilities=probabilities, uncertainty=uncertainty, temperature=temperature)
 
 
 def _may_leave_gaps(model: LoadedModel) -> bool:

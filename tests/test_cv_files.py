@@ -1,0 +1,107 @@
+"""`medseg cv` through files: folds run apart and collected, an interrupted cv continues, the dataset and the seed
+come from the resolved configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medseg import training
+from medseg.cli import main
+from medseg.evaluation.crossval import dataset_of
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--data.patch_size", "[32, 32]",
+        "--model.init_args.network_args", '{"channels": [4, 8, 16]}']
+
+
+@pytest.fixture
+def count_fits(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The argument lists of every training run started."""
+    calls: list[list[str]] = []
+    real = training.fit
+
+    def counted(args: list[str], **kwargs: object) -> training.FitResult:
+        calls.append(list(args))
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", counted)
+    return calls
+
+
+def _cv(root: Path, out: Path, *extra: str) -> int:
+    return main(["cv", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--folds", "2", "--data.root", str(root),
+                 *FAST, "--output", str(out), *extra])
+
+
+def test_folds_run_apart_are_collected_without_training_or_predicting_again(
+    seg2d_root: Path, tmp_path: Path, count_fits: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "cv"
+    assert _cv(seg2d_root, out, "--fold", "0") == 0
+    assert _cv(seg2d_root, out, "--fold", "1") == 0
+    assert len(count_fits) == 2 and not (out / "cv.json").exists()
+    records = [json.loads((out / f"fold_{k}" / "fold.json").read_text()) for k in (0, 1)]
+    assert all(r["predicted"] for r in records)
+    from medseg.evaluation import crossval
+
+    monkeypatch.setattr(crossval, "predict_batch", lambda *a, **k: pytest.fail("predicted again"))
+    assert _cv(seg2d_root, out) == 0  # collects: the pooled evaluation, post-processing, calibration
+    assert len(count_fits) == 2  # nothing trained again
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["checkpoints"] == {"0": records[0]["checkpoint"], "1": records[1]["checkpoint"]}
+    assert (out / "summary.json").is_file() and (out / "postprocessing.json").is_file()
+
+
+def test_an_interrupted_cv_continues_where_it_stopped(seg2d_root: Path, tmp_path: Path,
+                                                      count_fits: list[list[str]], capsys) -> None:
+    out = tmp_path / "cv"
+    assert _cv(seg2d_root, out, "--fold", "0") == 0
+    fold = out / "fold_0"
+    record = json.loads((fold / "fold.json").read_text())
+    # Killed while training fold 0 (after its last checkpoint): no fold.json, a last.ckpt in the run folder.
+    (fold / "fold.json").unlink()
+    assert _cv(seg2d_root, out, "--fold", "0") == 0
+    assert count_fits[-1][count_fits[-1].index("--ckpt_path") + 1] == record["last"]
+    assert "fold 0: resuming from" in capsys.readouterr().out
+    # Killed while predicting: fold.json says trained, one held-out prediction is missing.
+    record = json.loads((fold / "fold.json").read_text())
+    missing = out / "predictions" / f"{record['cases'][0]}.nii.gz"
+    kept = out / "predictions" / f"{record['cases'][1]}.nii.gz"
+    kept_time = kept.stat().st_mtime_ns
+    missing.unlink()
+    (fold / "fold.json").write_text(json.dumps({**record, "predicted": False}))
+    fits = len(count_fits)
+    assert _cv(seg2d_root, out, "--fold", "0") == 0
+    assert len(count_fits) == fits  # not trained again
+    assert missing.is_file() and kept.stat().st_mtime_ns == kept_time  # only the missing case predicted
+
+
+def test_a_fold_trained_on_other_cases_is_refused(seg2d_root: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cv"
+    assert _cv(seg2d_root, out, "--fold", "0") == 0
+    splits = json.loads((out / "splits.json").read_text())
+    splits[0]["val"], splits[1]["val"] = splits[1]["val"], splits[0]["val"]
+    (out / "splits.json").write_text(json.dumps(splits))
+    assert _cv(seg2d_root, out, "--fold", "0") == 2
+    assert "trained on other held-out cases" in capsys.readouterr().err
+
+
+def test_the_dataset_comes_from_every_config_and_override(seg2d_root: Path, cls2d_root: Path, tmp_path: Path) -> None:
+    # A second --config that changes data.root: the resolved configuration decides, as in `medseg fit`.
+    second = tmp_path / "other_data.yaml"
+    second.write_text(yaml.safe_dump({"data": {"root": str(seg2d_root)}}))
+    configs = [CONFIGS / "seg2d_unet.yaml", second]
+    assert dataset_of(configs, []).root == seg2d_root
+    assert dataset_of(configs, ["--data.root", str(cls2d_root)]).root == cls2d_root
+
+
+def test_cv_seed_reaches_sampling_and_augmentation(seg2d_root: Path, tmp_path: Path) -> None:
+    for seed in (3, 4):
+        assert _cv(seg2d_root, tmp_path / f"s{seed}", "--fold", "0", "--seed", str(seed)) == 0
+        config = yaml.safe_load(next((tmp_path / f"s{seed}" / "fold_0").rglob("config.yaml")).read_text())
+        assert config["seed_everything"] == seed and config["data"]["seed"] == seed
