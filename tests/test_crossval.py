@@ -6,8 +6,11 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from medseg.cli import main
 from medseg.data.datalist import load_dataset
+from medseg.metrics.temperature import apply_temperature
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu",
@@ -47,6 +50,22 @@ def test_classification_cv_and_fold_out_of_range(cls2d_root: Path, tmp_path: Pat
     assert {"accuracy", "auc", "f1_macro", "nll", "brier", "ece"} <= set(metrics)
     with (tmp_path / "c" / "predictions" / "predictions.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(load_dataset(cls2d_root).training)
+    # The temperature fitted on the pooled out-of-fold probabilities; predict --calibration applies it.
+    fitted = json.loads((tmp_path / "c" / "calibration.json").read_text())
+    assert fitted["activation"] == "softmax" and fitted["nll_after"] <= fitted["nll_before"]
+    checkpoint = json.loads((tmp_path / "c" / "cv.json").read_text())["checkpoints"]["0"]
+    tables = {}
+    for name, extra in (("plain", []), ("calibrated", ["--calibration", str(tmp_path / "c" / "calibration.json")])):
+        assert main(["predict", "--ckpt", checkpoint, "--input", str(cls2d_root / "dataset.json"), "--output",
+                     str(tmp_path / name), *extra]) == 0
+        with (tmp_path / name / "predictions.csv").open() as handle:
+            tables[name] = {r["case"]: r for r in csv.DictReader(handle)}
+    names = load_dataset(cls2d_root).label_names
+    for case, row in tables["plain"].items():
+        plain = np.array([float(row[f"p_{n}"]) for n in names])
+        calibrated = np.array([float(tables["calibrated"][case][f"p_{n}"]) for n in names])
+        assert np.allclose(calibrated, apply_temperature(plain, fitted["temperature"], "softmax"), atol=1e-6)
+        assert tables["calibrated"][case]["prediction"] == row["prediction"]
     assert main([*args, "--output", str(tmp_path / "c"), "--fold", "3"]) == 2
     assert "out of range" in capsys.readouterr().err
 
