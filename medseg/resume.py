@@ -46,7 +46,8 @@ def launched_rank() -> int:
     """
     if os.environ.get("RANK", "").isdigit():  # torchrun
         return int(os.environ["RANK"])
-    node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)) or 0)
+    node_text = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or "0"
+    node = int(node_text) if node_text.isdigit() else 0
     if "LOCAL_RANK" in os.environ:  # Lightning's launcher sets it (and NODE_RANK) for the processes it starts
         return int(os.environ["LOCAL_RANK"] or 0) + node
     if node:

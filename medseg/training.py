@@ -57,8 +57,9 @@ def fit(args: list[str], *, seed: int | None = None, single_process: bool = Fals
     """
     start = time.perf_counter()
     args = list(args)
-    if seed is not None:
-        args += ["--seed_everything", str(seed), "--data.seed", str(seed)]
+    if seed is not None:  # after the config files, before the overrides: an explicit --data.seed still wins
+        at = max((i + 2 for i, arg in enumerate(args) if arg == "--config"), default=0)
+        args[at:at] = ["--seed_everything", str(seed), "--data.seed", str(seed)]
     cli = run_cli(["fit", *args], single_process=single_process)
     trainer = cli.trainer
     best = saved_checkpoint(trainer, "best")

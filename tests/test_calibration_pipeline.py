@@ -115,3 +115,22 @@ def test_evaluate_scores_calibration_per_case_like_torchmetrics(cv_run: dict[str
     assert float(row["brier"]) == pytest.approx(((p - t) ** 2).mean().item(), abs=1e-6)
     bce = torch.nn.functional.binary_cross_entropy(p.double().clamp(1e-7, 1 - 1e-7), t.double())
     assert float(row["nll"]) == pytest.approx(bce.item(), abs=1e-6)
+
+
+def test_a_temperature_never_changes_the_label_map() -> None:
+    from medseg.inference.accumulate import NativeAccumulator
+    from medseg.inference.members import Layout
+    from medseg.inference.outputs import OutputSpec
+
+    # Sigmoid classes: the label is the argmax over channels. Scaled by T < 1, 0.9999 and 0.99995 both round to
+    # 1.0 in float32 and tie; the label must still be class 2, decoded before the scaling.
+    probabilities = np.array([[0.01, 0.2], [0.9999, 0.1], [0.99995, 0.3]], np.float32)[..., None]  # (P, X, Y)
+    for outputs in (OutputSpec("sigmoid", ("bg", "a", "b")), OutputSpec("softmax", ("bg", "a", "b"))):
+        p = probabilities if outputs.activation == "sigmoid" else probabilities / probabilities.sum(0)
+        plain, scaled = (NativeAccumulator(Layout(3), outputs) for _ in range(2))
+        for accumulator in (plain, scaled):
+            accumulator.add_group(lambda c, p=p: p[c].copy(), 1, None, None)
+        before = plain.finish(probabilities=True)
+        after = scaled.finish(probabilities=True, uncertainty=True, temperature=0.5)
+        assert np.array_equal(before.labels, after.labels), outputs.activation
+        assert np.allclose(after.probabilities, apply_temperature(p, 0.5, outputs.activation), atol=1e-6)

@@ -66,6 +66,13 @@ def test_classification_cv_and_fold_out_of_range(cls2d_root: Path, tmp_path: Pat
         calibrated = np.array([float(tables["calibrated"][case][f"p_{n}"]) for n in names])
         assert np.allclose(calibrated, apply_temperature(plain, fitted["temperature"], "softmax"), atol=1e-6)
         assert tables["calibrated"][case]["prediction"] == row["prediction"]
+    # A fold folder of other splits left in predictions/ is not pooled (it would count cases twice).
+    import shutil
+
+    shutil.copytree(tmp_path / "c" / "predictions" / "fold_0", tmp_path / "c" / "predictions" / "fold_7")
+    assert main([*args, "--output", str(tmp_path / "c")]) == 0
+    with (tmp_path / "c" / "predictions" / "predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(load_dataset(cls2d_root).training)
     assert main([*args, "--output", str(tmp_path / "c"), "--fold", "3"]) == 2
     assert "out of range" in capsys.readouterr().err
 

@@ -55,6 +55,20 @@ def test_folds_run_apart_are_collected_without_training_or_predicting_again(
     cv = json.loads((out / "cv.json").read_text())
     assert cv["checkpoints"] == {"0": records[0]["checkpoint"], "1": records[1]["checkpoint"]}
     assert (out / "summary.json").is_file() and (out / "postprocessing.json").is_file()
+    assert (out / "calibration.json").is_file()
+
+
+def test_a_cv_predicted_without_probabilities_is_collected_without_a_temperature(
+    seg2d_root: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    out = tmp_path / "cv"
+    assert _cv(seg2d_root, out) == 0
+    shutil.rmtree(out / "predictions" / "probabilities")  # as a cv made before probabilities were saved
+    assert _cv(seg2d_root, out) == 0
+    assert "no calibration.json fitted" in capsys.readouterr().err
+    assert not (out / "calibration.json").exists() and (out / "cv.json").is_file()
 
 
 def test_an_interrupted_cv_continues_where_it_stopped(seg2d_root: Path, tmp_path: Path,
@@ -63,8 +77,10 @@ def test_an_interrupted_cv_continues_where_it_stopped(seg2d_root: Path, tmp_path
     assert _cv(seg2d_root, out, "--fold", "0") == 0
     fold = out / "fold_0"
     record = json.loads((fold / "fold.json").read_text())
-    # Killed while training fold 0 (after its last checkpoint): no fold.json, a last.ckpt in the run folder.
-    (fold / "fold.json").unlink()
+    assert Path(record["checkpoint"]).is_absolute()  # collected from any working directory
+    # Killed while training fold 0 (after its last checkpoint): fold.json says started, last.ckpt is there.
+    started = {key: record[key] for key in ("fold", "cases", "run")}
+    (fold / "fold.json").write_text(json.dumps({**started, "trained": False}))
     assert _cv(seg2d_root, out, "--fold", "0") == 0
     assert count_fits[-1][count_fits[-1].index("--ckpt_path") + 1] == record["last"]
     assert "fold 0: resuming from" in capsys.readouterr().out
@@ -81,9 +97,14 @@ def test_an_interrupted_cv_continues_where_it_stopped(seg2d_root: Path, tmp_path
     assert missing.is_file() and kept.stat().st_mtime_ns == kept_time  # only the missing case predicted
 
 
-def test_a_fold_trained_on_other_cases_is_refused(seg2d_root: Path, tmp_path: Path, capsys) -> None:
+def test_a_fold_trained_on_other_cases_or_settings_is_refused(seg2d_root: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cv"
     assert _cv(seg2d_root, out, "--fold", "0") == 0
+    # Reusing the fold under another seed or other overrides would report it as theirs.
+    assert _cv(seg2d_root, out, "--fold", "0", "--seed", "5") == 2
+    assert "started with other seed" in capsys.readouterr().err
+    assert _cv(seg2d_root, out, "--fold", "0", "--trainer.max_epochs", "3") == 2
+    assert "started with other overrides" in capsys.readouterr().err
     splits = json.loads((out / "splits.json").read_text())
     splits[0]["val"], splits[1]["val"] = splits[1]["val"], splits[0]["val"]
     (out / "splits.json").write_text(json.dumps(splits))

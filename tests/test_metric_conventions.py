@@ -176,3 +176,19 @@ def test_evaluate_warns_when_nan_is_asked_for(tmp_path: Path, seg3d_root: Path) 
     summary = (out / "summary.csv").read_text().splitlines()
     hd95 = next(line for line in summary if line.startswith("1,hd95,"))
     assert hd95.endswith(",1,1")  # n = 1 case scored, 1 left out: visible beside the mean
+
+
+def test_a_scored_class_no_reference_holds_is_warned_and_counted(tmp_path: Path, capsys) -> None:
+    ref_dir, refs, affine = _cubes_dataset(tmp_path)
+    pred = _write(tmp_path / "pred", [np.roll(r, 2, axis=0) for r in refs], affine)
+    summary = evaluate_segmentation(pred, ref_dir, tmp_path / "ev", classes=[1, 7])
+    assert summary["absent_classes"] == [7]  # its Dice 1 in every case raises the mean: never silently
+    assert "class(es) [7] are in no reference file" in capsys.readouterr().err
+
+
+def test_a_zero_or_negative_distance_penalty_is_refused() -> None:
+    for penalty in ("0", "-3", "inf"):
+        with pytest.raises(ValueError, match="a miss must cost something"):
+            EmptyMaskRules.parse("1", penalty)
+    assert math.isnan(EmptyMaskRules.parse("NAN", "diagonal").both_empty)
+    assert EmptyMaskRules.parse("1", " NaN ").distance_penalty == "nan"

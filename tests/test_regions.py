@@ -116,6 +116,15 @@ def test_region_predictions_rebuild_the_label_map_and_score_per_region(
         assert summary["per_class"][name]["dice"]["mean"] >= 0.8
     rows = (tmp_path / "eval" / "per_case.csv").read_text().splitlines()
     assert rows[0].startswith("case,class,dice") and ",core," in rows[2]
+    # Calibration per region: channel r against region r's mask (not label value r).
+    pooled = summary["calibration"]["pooled"]
+    assert list(pooled) == ["whole", "core", "inner"] and all(v["ece"] < 0.1 for v in pooled.values())
+    assert summary["undeclared_labels"]["cases"] == 0  # label 3 is scored (it is in every region)
+    # A folder of labels does not say which channel is which region: refused, not scored against label values.
+    with pytest.raises(ValueError, match="probabilities of a region model"):
+        evaluate_segmentation(out, seg2d_regions_root / "labelsTs", tmp_path / "eval_folder")
+    with pytest.raises(ValueError, match="declares regions"):
+        evaluate_segmentation(out, seg2d_regions_root / "dataset.json", tmp_path / "eval_labels", classes=[1])
 
 
 def test_a_region_model_and_a_class_model_do_not_form_an_ensemble(region_run: MedSegCLI, seg2d_regions_root: Path,

@@ -8,6 +8,7 @@ and after, so a reader can see what it did.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,12 @@ import numpy as np
 from medseg.data.io import DEFAULT_MAX_VOXELS, read_image
 from medseg.evaluation.calibration_scores import read_probabilities
 from medseg.metrics.calibration import PROB_EPS
-from medseg.metrics.temperature import apply_temperature, fit_temperature, save_calibration
+from medseg.metrics.temperature import (
+    TEMPERATURE_BOUNDS,
+    apply_temperature,
+    fit_temperature,
+    save_calibration,
+)
 
 SAMPLE_VOXELS = 2_000_000
 CALIBRATION_FILE = "calibration.json"
@@ -34,11 +40,20 @@ def mean_nll(probabilities: np.ndarray, target: np.ndarray, activation: str) -> 
 
 def fit_and_save(probabilities: np.ndarray, target: np.ndarray, activation: str, path: Path,
                  facts: Mapping[str, Any]) -> dict[str, Any]:
-    """Fit the temperature on a sample, write ``path`` with the sample's NLL before and after; returns its facts."""
+    """Fit the temperature on a sample, write ``path`` with the sample's NLL before and after; returns its facts.
+
+    A temperature at a bound of the search (:data:`~medseg.metrics.temperature.TEMPERATURE_BOUNDS`) is kept but
+    flagged (``at_bound``) and warned about: the model's probabilities are far from calibrated (e.g. a model
+    trained for a few steps), and the fitted value says little.
+    """
     temperature = fit_temperature(probabilities, target, activation)
     scaled = apply_temperature(probabilities, temperature, activation, channel_axis=1)
+    at_bound = any(abs(np.log(temperature / bound)) < 1e-3 for bound in TEMPERATURE_BOUNDS)
     record = {**facts, "nll_before": mean_nll(probabilities, target, activation),
-              "nll_after": mean_nll(scaled, target, activation)}
+              "nll_after": mean_nll(scaled, target, activation), "at_bound": at_bound}
+    if at_bound:
+        print(f"warning: {path}: the fitted temperature {temperature:.3g} is at the bound of "
+              f"{list(TEMPERATURE_BOUNDS)}: the out-of-fold probabilities are far from calibrated", file=sys.stderr)
     save_calibration(path, temperature, activation, record)
     return {"temperature": temperature, "activation": activation, **record}
 
@@ -63,16 +78,21 @@ def segmentation_sample(
     per_case = max(1, SAMPLE_VOXELS // max(1, len(references)))
     parts, targets = [], []
     for case, label in sorted(references.items()):
-        probabilities, _ = read_probabilities(folder / f"{case}.npz")
-        reference, _ = read_image(label, max_voxels=max_voxels)
-        flat = probabilities.reshape(probabilities.shape[0], -1)
-        chosen = rng.choice(flat.shape[1], size=min(per_case, flat.shape[1]), replace=False)
-        truth = reference.reshape(-1)[chosen].round().astype(np.int64)
-        parts.append(flat[:, chosen].T.astype(np.float32))
+        path = folder / f"{case}.npz"
+        probabilities, affine = read_probabilities(path)
+        reference, reference_affine = read_image(label, max_voxels=max_voxels)
+        if probabilities.shape[1:] != reference.shape or not np.allclose(affine, reference_affine, atol=1e-3):
+            raise ValueError(f"{path}: grid {probabilities.shape[1:]} does not match the reference {label} "
+                             f"{reference.shape} (shape or affine)")
+        # Voxels drawn with replacement: no permutation of the whole volume, and the index works on both arrays
+        # whatever their memory order.
+        where = np.unravel_index(rng.integers(0, reference.size, size=min(per_case, reference.size)), reference.shape)
+        truth = np.asarray(reference[where]).round().astype(np.int64)
+        parts.append(np.stack([channel[where] for channel in probabilities], axis=1).astype(np.float32))
         if activation == "softmax":
             targets.append(truth)
         elif regions:
             targets.append(np.stack([np.isin(truth, list(values)) for values in regions], axis=1))
         else:
-            targets.append(truth[:, None] == np.arange(flat.shape[0])[None, :])
+            targets.append(truth[:, None] == np.arange(probabilities.shape[0])[None, :])
     return np.concatenate(parts), np.concatenate(targets)

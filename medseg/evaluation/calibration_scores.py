@@ -11,6 +11,7 @@ Channel ``c`` holds class ``c`` (softmax, or sigmoid classes), or region ``r`` (
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ def read_probabilities(path: Path) -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: naming the file, when it is not such an archive.
     """
+    if not path.is_file():
+        raise ValueError(f"{path}: no such probabilities file (medseg predict --save-probabilities)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return archive["probabilities"], archive["affine"]
@@ -36,16 +39,23 @@ def read_probabilities(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: not a probabilities file of medseg predict ({type(err).__name__}: {err})") from err
 
 
-def probability_channels(path: Path) -> int:
-    """The number of channels ``P`` a ``probabilities/<case>.npz`` holds, read from its header only."""
+def probability_layout(path: Path) -> tuple[int, list[list[int]] | None]:
+    """The number of channels ``P`` a ``probabilities/<case>.npz`` holds (from its header only), and the label
+    values of each channel when a region model wrote it (``None`` for a class model)."""
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("probabilities.npy") as handle:
-            version = np.lib.format.read_magic(handle)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape = header(handle)[0]
+        with zipfile.ZipFile(path) as archive:
+            with archive.open("probabilities.npy") as handle:
+                version = np.lib.format.read_magic(handle)
+                header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                          else np.lib.format.read_array_header_2_0)
+                shape = header(handle)[0]
+            regions = None
+            if "regions.npy" in archive.namelist():
+                with archive.open("regions.npy") as handle:
+                    regions = json.loads(str(np.load(handle, allow_pickle=False)))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a probabilities file of medseg predict ({type(err).__name__}: {err})") from err
-    return int(shape[0])
+    return int(shape[0]), regions
 
 
 class CalibrationScores:
@@ -56,10 +66,12 @@ class CalibrationScores:
         structures: what is scored: name -> ``(channel, label values)``; the reference mask of a structure is
             ``reference in values``.
         bins: ECE bins.
+        regions: the structures are a region model's (every channel is one).
     """
 
-    def __init__(self, folder: Path, structures: Mapping[Any, tuple[int, Sequence[int]]], bins: int = 15) -> None:
-        self.folder, self.structures, self.bins = folder, dict(structures), bins
+    def __init__(self, folder: Path, structures: Mapping[Any, tuple[int, Sequence[int]]], bins: int = 15,
+                 regions: bool = False) -> None:
+        self.folder, self.structures, self.bins, self.regions = folder, dict(structures), bins, regions
         self.pooled = {name: BinaryCalibration(bins) for name in self.structures}
         self.missing: list[str] = []
 
@@ -76,6 +88,9 @@ class CalibrationScores:
         top = max(channel for channel, _ in self.structures.values())
         if probabilities.shape[0] <= top:
             raise ValueError(f"{path}: {probabilities.shape[0]} probability channel(s), but channel {top} is scored")
+        if self.regions and probabilities.shape[0] != len(self.structures):
+            raise ValueError(f"{path}: {probabilities.shape[0]} probability channel(s) for {len(self.structures)} "
+                             "regions: not the probabilities of this region model")
         scores = {}
         for name, (channel, values) in self.structures.items():
             accumulator = BinaryCalibration(self.bins)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ def dataset_of(configs: str | Path | list[str | Path], overrides: list[str]) -> 
     from medseg.training import resolved_data
 
     configs = configs if isinstance(configs, list) else [configs]
+    for config in configs:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"{config}: no such config file")
     args = [arg for config in configs for arg in ("--config", str(config))] + list(overrides)
     root = resolved_data(args).get("root")
     if not root:
@@ -102,7 +106,7 @@ def run_cv(
         / max(sum(len(r["cases"]) for r in records.values()), 1),
     }
     held_out = {i for split in splits for i in split["val"]}  # all cases, except with holdout
-    result["metrics"] = _evaluate_pooled(spec, output, held_out, result["max_voxels"])
+    result["metrics"] = _evaluate_pooled(spec, output, held_out, result["max_voxels"], len(splits))
     result["calibration"] = _calibrate(spec, output, held_out, records[0], seed)
     with atomic_path(output / "cv.json") as tmp, open(tmp, "w") as handle:
         json.dump(result, handle, indent=2, default=str)
@@ -112,15 +116,21 @@ def run_cv(
 def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], output: Path, k: int,
               val: list[str], seed: int) -> dict[str, Any]:
     """Train fold ``k`` (or resume it, or find it trained) and predict its held-out cases (or the missing ones);
-    returns its ``fold.json`` record."""
+    returns its ``fold.json`` record.
+
+    ``fold.json`` is written before training starts, with what the fold is trained from (configs, overrides,
+    seed, held-out cases): a rerun asking for anything else is refused instead of reusing the fold.
+    """
     import time
 
     from medseg.training import fit, resumable_checkpoint
 
     folder = output / f"fold_{k}"
-    record = _read_record(folder / FOLD_FILE, val)
-    trained_now = record is None
-    if record is None:
+    identity = {"configs": [str(c.resolve()) for c in configs], "overrides": list(overrides), "seed": seed}
+    record = _read_record(folder / FOLD_FILE, val, identity)
+    trained_now = not record.get("trained")
+    if trained_now:
+        _write_record(folder / FOLD_FILE, {"fold": k, "cases": val, "run": identity, "trained": False})
         resume = resumable_checkpoint(folder / configs[0].stem)
         args = [arg for config in configs for arg in ("--config", str(config))]
         args += [*overrides, "--data.val_cases", json.dumps(val), "--trainer.default_root_dir", str(folder)]
@@ -129,9 +139,10 @@ def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], outp
             args += ["--ckpt_path", str(resume)]
         # One process: a DDP launcher would re-run the whole `medseg cv` command in each process.
         result = fit(args, seed=seed, single_process=True)
-        record = {"fold": k, "cases": val, "checkpoint": result.best, "last": result.last,
-                  "log_dir": result.log_dir, "parameters": result.parameters, "train_seconds": result.seconds,
-                  "device": predict_device(result.cli.trainer),
+        record = {"fold": k, "cases": val, "run": identity, "trained": True,
+                  "checkpoint": _absolute(result.best), "last": _absolute(result.last),
+                  "log_dir": _absolute(result.log_dir), "parameters": result.parameters,
+                  "train_seconds": result.seconds, "device": predict_device(result.cli.trainer),
                   # the images passed the data checks at this limit
                   "max_voxels": result.cli.datamodule.hparams.max_voxels, "predicted": False}
         _write_record(folder / FOLD_FILE, record)
@@ -155,10 +166,15 @@ def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], outp
     return record
 
 
-def _read_record(path: Path, val: list[str]) -> dict[str, Any] | None:
-    """A fold's record when it is trained for these held-out cases and its checkpoint is still there."""
+def _absolute(path: str) -> str:
+    return str(Path(path).resolve()) if path else ""
+
+
+def _read_record(path: Path, val: list[str], identity: dict[str, Any]) -> dict[str, Any]:
+    """A fold's record (``{}`` when it has none), refused when it was started for other held-out cases, other
+    configs, overrides or seed, or when its checkpoint is gone."""
     if not path.is_file():
-        return None
+        return {}
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -166,9 +182,16 @@ def _read_record(path: Path, val: list[str]) -> dict[str, Any] | None:
     if sorted(record.get("cases", [])) != sorted(val):
         raise ValueError(f"{path}: the fold was trained on other held-out cases than splits.json gives; "
                          "use another --output, or delete the fold's folder to train it again")
-    if not Path(record.get("checkpoint", "")).is_file():
-        raise ValueError(f"{path}: its checkpoint {record.get('checkpoint')} is gone; delete {path} to train the "
-                         "fold again")
+    saved = record.get("run")
+    if saved != identity:
+        changed = [key for key in identity if (saved or {}).get(key) != identity[key]]
+        raise ValueError(f"{path}: the fold was started with other {', '.join(changed) or 'settings'} "
+                         f"({ {k: (saved or {}).get(k) for k in changed} }) than this run asks for "
+                         f"({ {k: identity[k] for k in changed} }); use another --output, or delete {path.parent} "
+                         "to train the fold again")
+    if record.get("trained") and not Path(record.get("checkpoint", "")).is_file():
+        raise ValueError(f"{path}: its checkpoint {record.get('checkpoint')} is gone; delete {path.parent} to train "
+                         "the fold again")
     return record
 
 
@@ -178,7 +201,8 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
         json.dump(record, handle, indent=2)
 
 
-def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str], max_voxels: int) -> dict[str, Any]:
+def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str], max_voxels: int,
+                     folds: int) -> dict[str, Any]:
     if spec.task == SEGMENTATION:
         classes = [k for k in spec.labels if k > 0]
         regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
@@ -188,11 +212,7 @@ def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str], max_vo
         if not regions:  # post-processing acts on label values; choosing it for regions is not done yet
             _choose_postprocessing(spec, output, classes, held_out, max_voxels)
         return summary["foreground_mean"]
-    rows = []
-    for table in sorted((output / "predictions").glob("fold_*/predictions.csv")):
-        with table.open(newline="") as handle:
-            rows += list(csv.DictReader(handle))
-    write_csv(output / "predictions" / "predictions.csv", rows)
+    write_csv(output / "predictions" / "predictions.csv", _fold_rows(output, folds, held_out))
     y_true, probabilities = _pooled_classification(spec, output)
     metrics = classification_metrics(y_true, probabilities, spec.label_names)
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
@@ -205,7 +225,7 @@ def _calibrate(spec: DatasetSpec, output: Path, held_out: set[str], record: dict
     """Fit the temperature on the out-of-fold probabilities; write ``calibration.json``."""
     from medseg.evaluation.calibrate import CALIBRATION_FILE, fit_and_save, segmentation_sample
 
-    facts = {"fitted_on": "out-of-fold probabilities of medseg cv", "cases": len(held_out)}
+    facts = {"task": spec.task, "fitted_on": "out-of-fold probabilities of medseg cv", "cases": len(held_out)}
     if spec.task != SEGMENTATION:
         y, p = _pooled_classification(spec, output)
         return fit_and_save(p, y, "softmax", output / CALIBRATION_FILE, facts)
@@ -213,11 +233,33 @@ def _calibrate(spec: DatasetSpec, output: Path, held_out: set[str], record: dict
     from medseg.resume import checkpoint_summary
 
     activation = OutputSpec.from_hparams(checkpoint_summary(Path(record["checkpoint"]))["hyper_parameters"]).activation
+    folder = output / "predictions" / "probabilities"
     references = {c["id"]: c["label"] for c in spec.training if c["id"] in held_out}
+    missing = sorted(case for case in references if not (folder / f"{case}.npz").is_file())
+    if missing:  # predicted before cv saved probabilities: no temperature rather than one from some cases
+        (output / CALIBRATION_FILE).unlink(missing_ok=True)
+        print(f"warning: medseg cv: {folder}: no probabilities of {len(missing)} out-of-fold case(s) (e.g. "
+              f"{missing[0]}): no {CALIBRATION_FILE} fitted; predict them again (delete the fold's prediction) "
+              "to get one", file=sys.stderr)
+        return {}
     regions = [values for _, values in spec.regions] if spec.regions else None
-    p, y = segmentation_sample(output / "predictions" / "probabilities", references, activation, regions, seed,
-                               record["max_voxels"])
+    p, y = segmentation_sample(folder, references, activation, regions, seed, record["max_voxels"])
     return fit_and_save(p, y, activation, output / CALIBRATION_FILE, {**facts, "voxels": len(p)})
+
+
+def _fold_rows(output: Path, folds: int, held_out: set[str]) -> list[dict[str, str]]:
+    """The rows of each fold's ``predictions/fold_<k>/predictions.csv`` for its held-out cases (folds of other
+    splits left there are not read); a case predicted twice is refused."""
+    rows: list[dict[str, str]] = []
+    for k in range(folds):
+        table = output / "predictions" / f"fold_{k}" / "predictions.csv"
+        with table.open(newline="") as handle:
+            rows += [row for row in csv.DictReader(handle) if row["case"] in held_out]
+    seen: set[str] = set()
+    twice = sorted({row["case"] for row in rows if row["case"] in seen or seen.add(row["case"])})
+    if twice:
+        raise ValueError(f"{output / 'predictions'}: case(s) {twice[:5]} are predicted by more than one fold")
+    return rows
 
 
 def _pooled_classification(spec: DatasetSpec, output: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ from medseg.data.io import (
 from medseg.evaluation.calibration_scores import (
     CALIBRATION_METRICS,
     CalibrationScores,
-    probability_channels,
+    probability_layout,
     reliability_diagram,
     structures_of,
 )
@@ -93,6 +93,8 @@ def evaluate_segmentation(
     """
     pred, output, rules = Path(pred), Path(output), rules or EmptyMaskRules()
     references, declared, declared_regions = reference_cases(truth)
+    if classes and declared_regions and not regions:
+        raise ValueError(f"{truth}: declares regions, which are scored instead of label values: leave out --labels")
     classes = classes or declared
     regions = regions or declared_regions
     predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
@@ -131,7 +133,9 @@ def evaluate_segmentation(
         calibration.keep(list(regions) if regions else classes)
         nan = dict.fromkeys(CALIBRATION_METRICS, float("nan"))
         rows = [{**row, **calibrated.get((row["case"], row["class"]), nan)} for row in rows]
-    declared_values = None if regions else {0.0, *(float(c) for c in classes)}
+    scored_values = {v for values in regions.values() for v in values} if regions else set(classes)
+    declared_values = {0.0, *(float(v) for v in scored_values)}
+    summary_absent = _absent_classes([] if regions else classes, in_truth)
     summary = summarize(rows, metrics)
     summary["cases"] = len(matched)
     summary["classes"] = list(regions) if regions else classes
@@ -140,7 +144,8 @@ def evaluate_segmentation(
     summary["rules"] = rules.describe()
     summary["conventions"] = _convention_counts(rows)
     summary["left_out"] = left_out(summary)
-    summary["undeclared_labels"] = _undeclared(predicted, declared_values, in_truth, predictions)
+    summary["undeclared_labels"] = _undeclared(predicted, declared_values, predictions)
+    summary["absent_classes"] = summary_absent
     output.mkdir(parents=True, exist_ok=True)
     if calibration is not None:
         summary["calibration"] = calibration.summary()
@@ -161,10 +166,17 @@ def _calibration(pred: Path, probabilities: str | Path | None, cases: list[str],
         raise ValueError(f"{folder}: no such folder of probabilities (medseg predict --save-probabilities)")
     first = next((folder / f"{case}.npz" for case in cases if (folder / f"{case}.npz").is_file()), None)
     if first is None:
+        if probabilities is not None:
+            raise ValueError(f"{folder}: no <case>.npz of the {len(cases)} evaluated case(s) (medseg predict "
+                             "--save-probabilities writes them)")
         return None
+    channels, written_regions = probability_layout(first)
+    if written_regions and not regions:
+        raise ValueError(f"{first}: probabilities of a region model ({len(written_regions)} regions); give the "
+                         "dataset.json that declares the regions as --truth")
     if not regions and classes is None:
-        classes = list(range(1, probability_channels(first)))
-    return CalibrationScores(folder, structures_of(classes, regions))
+        classes = list(range(1, channels))
+    return CalibrationScores(folder, structures_of(classes, regions), regions=bool(regions))
 
 
 def _on_classes(rows: list[dict[str, Any]], cases: list[str], classes: list[int],
@@ -175,12 +187,21 @@ def _on_classes(rows: list[dict[str, Any]], cases: list[str], classes: list[int]
             for case in cases for c in classes]
 
 
-def _undeclared(predicted: dict[str, dict[float, int]], declared: set[float] | None, in_truth: set[float],
-                files: dict[str, str]) -> dict[str, Any]:
-    """Predicted label values outside the scored classes, warned per file and counted; they count as background
-    in the scores. ``declared`` is background and the scored classes (``None`` for regions: the values the
-    reference files hold)."""
-    allowed = declared if declared is not None else in_truth
+def _absent_classes(classes: list[int], in_truth: set[float]) -> list[int]:
+    """Scored classes that no reference file holds, warned about: each case that does not predict them scores 1
+    (both empty), which raises the mean without any evidence."""
+    absent = [c for c in classes if float(c) not in in_truth]
+    if absent:
+        print(f"warning: class(es) {absent} are in no reference file: every case that does not predict them scores "
+              "Dice 1 there (both empty), which raises the means; check --labels or the dataset's labels",
+              file=sys.stderr)
+    return absent
+
+
+def _undeclared(predicted: dict[str, dict[float, int]], declared: set[float], files: dict[str, str]) -> dict[str, Any]:
+    """Predicted label values outside the scored ones (``declared``: background and the scored classes, or the
+    label values of the regions), warned per file and counted; they count as background in the scores."""
+    allowed = declared
     effect = "they count as background"
     by_case: dict[str, dict[str, int]] = {}
     for case, counts in predicted.items():
@@ -188,8 +209,8 @@ def _undeclared(predicted: dict[str, dict[float, int]], declared: set[float] | N
         if extra:
             shown = sorted(int(v) if v.is_integer() else v for v in extra)
             by_case[case] = {f"{v:g}": n for v, n in extra.items()}
-            print(f"warning: {files[case]}: label value(s) {shown} ({sum(extra.values())} voxel(s)) are not in the "
-                  f"truth's labels {sorted(int(v) if v.is_integer() else v for v in allowed)}; {effect}",
+            print(f"warning: {files[case]}: label value(s) {shown} ({sum(extra.values())} voxel(s)) are not among the "
+                  f"scored labels {sorted(int(v) if v.is_integer() else v for v in allowed)}; {effect}",
                   file=sys.stderr)
     return {"cases": len(by_case), "voxels": sum(sum(v.values()) for v in by_case.values()), "by_case": by_case}
 

@@ -112,23 +112,25 @@ class NativeAccumulator:
         """The label map and the asked-for maps (views of the accumulator where possible).
 
         ``temperature`` (``medseg predict --calibration``) rescales the mean probabilities in place, slab by slab,
-        before the entropy is taken; the label map does not change (:mod:`medseg.metrics.temperature`).
+        after the label map is decoded from them (so it does not change: for sigmoid classes the label is the
+        argmax over channels, which a temperature below 1 could tie at 1.0) and before the entropy is taken
+        (:mod:`medseg.metrics.temperature`).
         """
         if self.values is None:
             raise ValueError("no group was added")
         layout, outputs, values = self.layout, self.outputs, self.values
         mean = values[layout.mean]
-        if temperature != 1.0:
-            from medseg.arrays import slabs
-            from medseg.metrics.temperature import apply_temperature
-
-            for part in slabs(mean.shape[1:], outputs.channels):
-                mean[part] = apply_temperature(mean[part], temperature, outputs.activation)
         tensor = torch.from_numpy(mean)
         if layout.vote is not None:
             labels = outputs.decode_votes(torch.from_numpy(values[layout.vote]), tensor, self.members)
         else:
             labels = outputs.decode(tensor)
+        if temperature != 1.0 and (probabilities or uncertainty):
+            from medseg.arrays import slabs
+            from medseg.metrics.temperature import apply_temperature
+
+            for part in slabs(mean.shape[1:], outputs.channels):
+                mean[part] = apply_temperature(mean[part], temperature, outputs.activation)
         entropy = variance = None
         doubt = 0.0
         if uncertainty:

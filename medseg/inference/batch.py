@@ -15,6 +15,7 @@ A case that cannot be processed is reported with its file and reason and the oth
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -288,23 +289,33 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
                                                options.postprocess)
         if table is not None:  # the row before the label map: a case with a label map always has its row
             table.append({"case": case["id"], "doubt": maps.doubt, "members": maps.members})
-        write_case_maps(CaseFiles.of(case["id"], options.output), maps, affine, names)
+        write_case_maps(CaseFiles.of(case["id"], options.output), maps, affine, names, first.outputs.regions)
 
     return write
 
 
-def _temperature(calibration: str | None, first: LoadedModel) -> float:
-    """The temperature of a ``calibration.json`` (1 without one), refused when it was fitted on another kind of
-    output than this model's (softmax or sigmoid)."""
-    if calibration is None:
-        return 1.0
+@functools.lru_cache(maxsize=8)
+def _temperature_of(calibration: str, task: str, activation: str, stamp: int) -> float:
+    """The temperature of a ``calibration.json`` fitted for this task and activation (read once per file and
+    modification time ``stamp``)."""
     from medseg.metrics.temperature import load_calibration
 
     fitted = load_calibration(calibration)
-    activation = first.outputs.activation if first.task == "segmentation" else "softmax"
+    if fitted.get("task", task) != task:
+        raise ValueError(f"{calibration}: fitted for a {fitted['task']} model, but this one is a {task} model")
     if fitted["activation"] != activation:
         raise ValueError(f"{calibration}: fitted on {fitted['activation']} outputs, but this model's are {activation}")
     return float(fitted["temperature"])
+
+
+def _temperature(calibration: str | None, first: LoadedModel) -> float:
+    """The temperature of a ``calibration.json`` (1 without one), refused when it was fitted for another task or
+    another kind of output than this model's (softmax or sigmoid)."""
+    if calibration is None:
+        return 1.0
+    activation = first.outputs.activation if first.task == "segmentation" else "softmax"
+    stamp = Path(calibration).stat().st_mtime_ns if Path(calibration).is_file() else 0
+    return _temperature_of(str(calibration), first.task, activation, stamp)
 
 
 def background_stages(device: str) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import zipfile
 from collections.abc import Callable, Sequence
@@ -52,9 +53,11 @@ class CaseFiles:
             path.unlink(missing_ok=True)
 
 
-def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarray, names: Sequence[str]) -> None:
+def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarray, names: Sequence[str],
+                        regions: Sequence[Sequence[int]] | None = None) -> None:
     """Write ``probabilities`` ``(P, *S)`` as float16 into a compressed ``.npz`` (keys ``probabilities``,
-    ``affine``, ``label_names``), one channel at a time: no float16 copy of the whole stack is made."""
+    ``affine``, ``label_names``, and for a region model ``regions``: the label values of each channel as JSON
+    text), one channel at a time: no float16 copy of the whole stack is made."""
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         with archive.open("probabilities.npy", "w", force_zip64=True) as handle:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f2")), "fortran_order": False,
@@ -62,16 +65,19 @@ def write_probabilities(path: Path, probabilities: np.ndarray, affine: np.ndarra
             np.lib.format.write_array_header_1_0(handle, header)
             for channel in probabilities:
                 handle.write(np.ascontiguousarray(channel, dtype="<f2").data)
-        for name, array in (("affine", np.asarray(affine, dtype=np.float64)), ("label_names", np.array(list(names)))):
+        extra = [("regions", np.array(json.dumps([list(map(int, r)) for r in regions])))] if regions else []
+        for name, array in (("affine", np.asarray(affine, dtype=np.float64)), ("label_names", np.array(list(names))),
+                            *extra):
             buffer = io.BytesIO()
             np.save(buffer, array)
             archive.writestr(f"{name}.npy", buffer.getvalue())
 
 
-def write_case_maps(files: CaseFiles, maps: Any, affine: np.ndarray, names: Sequence[str]) -> None:
+def write_case_maps(files: CaseFiles, maps: Any, affine: np.ndarray, names: Sequence[str],
+                    regions: Sequence[Sequence[int]] | None = None) -> None:
     """Write what :class:`~medseg.inference.accumulate.CaseMaps` holds; the label map last."""
     if maps.probabilities is not None:
-        write_probabilities(files.probabilities, maps.probabilities, affine, names)
+        write_probabilities(files.probabilities, maps.probabilities, affine, names, regions)
     if maps.entropy is not None:
         write_nifti(maps.entropy, affine, files.entropy)
     if maps.variance is not None:

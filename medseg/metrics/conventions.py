@@ -54,19 +54,21 @@ class EmptyMaskRules:
         if isinstance(penalty, str):
             if penalty not in (DIAGONAL, "nan"):
                 raise ValueError(f"distance penalty must be 'diagonal', 'nan' or a number of mm, got {penalty!r}")
-        elif not (penalty >= 0 and math.isfinite(penalty)):
-            raise ValueError(f"distance penalty must be a finite number of mm >= 0, got {penalty!r}")
+        elif not (penalty > 0 and math.isfinite(penalty)):
+            raise ValueError(f"distance penalty must be a finite number of mm > 0 (a miss must cost something), "
+                             f"got {penalty!r}")
 
     @classmethod
     def parse(cls, both_empty: str | float = 1.0, distance_penalty: str | float = DIAGONAL) -> EmptyMaskRules:
         """Rules from command-line text: ``both_empty`` ``"1"``/``"0"``/``"nan"``; ``distance_penalty``
         ``"diagonal"``/``"nan"``/a number of mm."""
+        text = str(distance_penalty).strip().lower()
         try:
-            value = float(distance_penalty)
+            value = float(text)
         except ValueError:
             value = None
-        penalty: str | float = str(distance_penalty) if value is None or math.isnan(value) else value
-        return cls(float(both_empty), "nan" if penalty in ("nan", "NaN") else penalty)
+        penalty: str | float = text if value is None else ("nan" if math.isnan(value) else value)
+        return cls(float(str(both_empty).strip().lower()), penalty)
 
     def penalty_mm(self, shape: Sequence[int], spacing: Sequence[float]) -> float:
         """HD95/ASSD of a missed or spurious structure in an image of ``shape`` voxels of ``spacing`` mm."""

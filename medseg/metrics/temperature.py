@@ -158,12 +158,17 @@ def save_calibration(
         raise ValueError(f"facts may not set {sorted(clash)}")
     path = Path(path)
     payload = {"temperature": _check_temperature(temperature), "activation": activation, **facts}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    from medseg.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
 def load_calibration(path: str | Path) -> dict[str, Any]:
     """Read a file written by :func:`save_calibration`; ``ValueError`` naming the file if it is not one."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such calibration file")
     try:
         data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -31,7 +31,7 @@ def test_an_undeclared_label_value_in_a_prediction_is_warned_and_counted(seg3d_r
     _paint(path, 4, np.s_[:2, :2, :2])  # the dataset declares 0 and 1
     result = medseg("evaluate", "--pred", pred, "--truth", seg3d_root / "dataset.json", "--output", tmp_path / "ev")
     assert result.code == 0
-    assert f"{path}: label value(s) [4] (8 voxel(s)) are not in the truth's labels [0, 1]; they count as " \
+    assert f"{path}: label value(s) [4] (8 voxel(s)) are not among the scored labels [0, 1]; they count as " \
         "background" in result.err
     assert "undeclared label values: 8 voxel(s) in 1 case(s)" in result.err
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
@@ -77,7 +77,7 @@ def test_with_a_folder_of_labels_a_value_no_label_file_holds_is_warned(seg3d_roo
     _paint(path, 9, np.s_[-1, -1, -3:])
     result = medseg("evaluate", "--pred", pred, "--truth", seg3d_root / "labelsTs", "--output", tmp_path / "ev")
     assert result.code == 0
-    assert f"{path}: label value(s) [9] (3 voxel(s)) are not in the truth's labels [0, 1]; they count as " \
+    assert f"{path}: label value(s) [9] (3 voxel(s)) are not among the scored labels [0, 1]; they count as " \
         "background" in result.err
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["undeclared_labels"]["by_case"] == {"case_007": {"9": 3}}
