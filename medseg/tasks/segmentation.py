@@ -41,8 +41,9 @@ class SegmentationModule(MedSegModule):
         overlap: sliding-window overlap.
         dice_both_empty: ``val/dice`` of a structure absent from both a case's reference and its prediction:
             1 (Metrics Reloaded; the rule ``medseg evaluate`` reports with, see
-            :mod:`medseg.metrics.conventions`), or NaN to leave such pairs out. A structure predicted where the
-            reference has none always scores 0, so over-segmentation costs Dice when the checkpoint is chosen.
+            :mod:`medseg.metrics.conventions`), or NaN to leave such pairs out (YAML ``.nan``; on the command line
+            ``--model.init_args.dice_both_empty .nan``). A structure predicted where the reference has none always
+            scores 0, so over-segmentation costs Dice when the checkpoint is chosen.
         preprocessing_spec: the effective preprocessing spec (linked from the data; saved for prediction).
         pretrained: local file with a compatible state dict to start from (never downloaded).
         freeze_encoder: freeze the encoder after loading ``pretrained``.
