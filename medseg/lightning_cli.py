@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,19 @@ from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from medseg.config_checks import (
+    _check_ckpt_path,
+    _raising,
+    _refusal_of,
+    check_network,
+    check_task,
+    parse_refusal,
+)
 from medseg.data.datamodule import MedSegDataModule
-from medseg.errors import ConfigError, ResumeError
+from medseg.errors import (
+    ConfigError,
+    ResumeError,
+)
 from medseg.resume import (
     AtomicCheckpointIO,
     checkpoint_summary,
@@ -22,7 +35,6 @@ from medseg.resume import (
     share_run_folder,
 )
 from medseg.tasks.base import MedSegModule, resume_mismatches
-from medseg.tasks.classification import ClassificationModule
 
 # Values that come from the dataset, linked from the instantiated data module into the model.
 DATA_TO_MODEL = {
@@ -50,7 +62,8 @@ class MedSegCLI(LightningCLI):
     * ``data.seed`` defaults to ``seed_everything``; checkpoints are written atomically.
     """
 
-    def __init__(self, args: list[str] | None = None, *, single_process: bool = False, **kwargs: Any) -> None:
+    def __init__(self, args: list[str] | None = None, *, single_process: bool = False,
+                 parser_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.single_process = single_process
         super().__init__(
             model_class=MedSegModule,
@@ -58,6 +71,7 @@ class MedSegCLI(LightningCLI):
             subclass_mode_model=True,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": False},
+            parser_kwargs=_raising(parser_kwargs, self.subcommands()),
             args=args,
             **kwargs,
         )
@@ -67,17 +81,31 @@ class MedSegCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Parse, then check a ``--ckpt_path`` file before Lightning reads it (it loads the checkpoint's
-        hyperparameters right after parsing): a truncated or unsafe file is refused naming it."""
-        super().parse_arguments(parser, args)
+        """Parse, then check what can be checked before anything is built or logged.
+
+        * A parse error (unknown key, wrong type, missing or broken config file) becomes one
+          :class:`~medseg.errors.ConfigError` line naming the file or option, not jsonargparse's usage dump.
+        * A ``--ckpt_path`` file is checked before Lightning reads it (it loads the checkpoint's hyperparameters
+          right after parsing): a truncated or unsafe file is refused naming it.
+        * The network's name and arguments, and the model's task against the dataset's.
+        """
+        given = sys.argv[1:] if args is None else args
+        argv = [str(arg) for arg in given] if isinstance(given, (list, tuple)) else []  # not a dict or Namespace
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            subparsers = getattr(self, "_subcommand_parsers", {})
+            raise parse_refusal(err, argv, subparsers.get(argv[0]) if argv else None) from err
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path in (None, "best", "last", "hpc"):
-            return
-        path = Path(str(ckpt_path))
-        if not path.is_file():
-            raise FileNotFoundError(f"--ckpt_path {path}: no such checkpoint file")
-        checkpoint_summary(path)
+        config = self.config[subcommand] if subcommand else self.config
+        _check_ckpt_path(config.get("ckpt_path"))
+        self.check_config(config, argv)
+
+    def check_config(self, config: Any, argv: list[str]) -> None:
+        """Refuse, before the seed is set and anything is built or logged, a network name or argument that does
+        not exist and a model of the other task than the dataset's (:func:`check_network`, :func:`check_task`)."""
+        check_network(config, argv)
+        check_task(config, argv)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -97,7 +125,13 @@ class MedSegCLI(LightningCLI):
             trainer["logger"] = _default_loggers(str(run_root.parent), run_root.name, version)
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # jsonargparse wraps what a class refuses into a dump of the whole config
+            refusal = _refusal_of(err)
+            if refusal is None:
+                raise
+            raise refusal from err
         if self.single_process and self.trainer.world_size > 1:
             raise ConfigError(
                 f"this command trains in one process, but the trainer asks for {self.trainer.world_size} "
@@ -108,13 +142,6 @@ class MedSegCLI(LightningCLI):
             self._check_resume(self.resume_from)
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        wants_classification = isinstance(self.model, ClassificationModule)
-        if wants_classification == self.datamodule.is_segmentation:
-            raise ValueError(
-                f"{self.datamodule.spec.source}: the dataset is a {self.datamodule.task} dataset but the model is "
-                f"{type(self.model).__name__}; use a {self.datamodule.task} config"
-            )
-
 
     def _check_resume(self, path: Path) -> None:
         """Stop before training when ``path`` holds another model or other classes than this run builds."""

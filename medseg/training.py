@@ -88,13 +88,21 @@ def run_cli(argv: list[str], *, single_process: bool = False) -> Any:
 
 def resolved_data(args: list[str]) -> dict[str, Any]:
     """The data module's arguments that ``medseg fit ARGS`` would use, after every ``--config`` file and override
-    is applied (nothing is built or trained)."""
+    is applied (nothing is built or trained; the model is not checked against the data).
+
+    Raises:
+        ConfigError: a config that cannot be parsed (an unknown key, a value of the wrong type, a missing or
+            broken config file), in the one line ``medseg fit`` prints.
+    """
     from medseg.lightning_cli import MedSegCLI
 
     class _Parsed(Exception):
         pass
 
     class _ParseOnly(MedSegCLI):
+        def check_config(self, config: Any, argv: list[str]) -> None:
+            """Only the data's arguments are wanted: the model is not checked against them."""
+
         def before_instantiate_classes(self) -> None:
             raise _Parsed(self.config[self.subcommand]["data"])
 

@@ -208,19 +208,31 @@ def check_files(model: LoadedModel, files: Sequence[str], max_voxels: int = DEFA
         affine = file_affine if affine is None else affine
         spatial = shape[:3] if is_nifti(file) else shape[:2]
         if len(spatial) != dims:
-            raise InputError(f"{file}: a {len(spatial)}D image, but the model is {dims}D (shape {tuple(shape)})")
+            raise other_dimensionality(file, len(spatial), dims, f" (shape {tuple(shape)})")
         channels += math.prod(shape[len(spatial):])
     if channels != expected:
-        what = f"{len(files)} files with {channels} channel(s)" if len(files) > 1 else f"{channels} channel(s)"
-        raise InputError(f"{files[0]}: {what}, but the model expects {expected}")
+        raise other_channels(files, channels, expected)
     return affine
 
 
 def check_input(model: LoadedModel, x: Any, image: str | Sequence[str]) -> None:
     """Refuse, naming the file, a preprocessed input whose dimensionality or channel count the model cannot take."""
-    first = image if isinstance(image, str) else image[0]
+    files = [image] if isinstance(image, str) else list(image)
     dims, channels = model.hparams["spatial_dims"], model.hparams["in_channels"]
     if x.ndim - 1 != dims:
-        raise InputError(f"{first}: a {x.ndim - 1}D image, but the model is {dims}D")
+        raise other_dimensionality(files[0], x.ndim - 1, dims)
     if x.shape[0] != channels:
-        raise InputError(f"{first}: {x.shape[0]} channel(s), but the model expects {channels}")
+        raise other_channels(files[:1], x.shape[0], channels)
+
+
+def other_dimensionality(file: str, found: int, dims: int, shape: str = "") -> InputError:
+    """``<file>: a 3D image, but the model is 2D (shape ...); ...`` with what to do instead."""
+    return InputError(f"{file}: a {found}D image, but the model is {dims}D{shape}; it was trained on {dims}D images: "
+                      f"predict {dims}D images, or use a {found}D model")
+
+
+def other_channels(files: Sequence[str], found: int, expected: int) -> InputError:
+    """``<file>: 2 channel(s), but the model expects 1 (...); ...`` with what to do instead."""
+    what = f"{len(files)} files with {found} channel(s)" if len(files) > 1 else f"{found} channel(s)"
+    return InputError(f"{files[0]}: {what}, but the model expects {expected} (it was trained on {expected}-channel "
+                      f"images); give each case {expected} channel(s), or use a model trained on {found}")
