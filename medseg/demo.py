@@ -80,6 +80,7 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0) -> dict[str, A
     Returns:
         ``{"mean_dice": float, "dice": {case_id: float}, "checkpoint": str, "seconds": float, "picture": str}``.
     """
+    from medseg.console import fit_summary
     from medseg.training import fit
 
     start = time.perf_counter()
@@ -90,7 +91,9 @@ def run_demo(out: Path, epochs: int | None = None, seed: int = 0) -> dict[str, A
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(root, out, epochs or EPOCHS, seed), sort_keys=False))
     print(f"[2/3] training a 3D U-Net: medseg fit --config {config_path}")
-    checkpoint = fit(["--config", str(config_path)]).best
+    trained = fit(["--config", str(config_path)])
+    print(fit_summary(trained))
+    checkpoint = trained.best
     print(f"[3/3] predicting the held-out cases with {checkpoint}")
     model = load_model(checkpoint)
     scores: dict[str, float] = {}

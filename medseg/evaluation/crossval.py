@@ -74,11 +74,14 @@ def run_cv(
     fold: int | None = None,
     seed: int = 0,
     overrides: list[str] | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Cross-validate ``config`` (one file, or several applied in order as ``--config`` repeated); see the module
     docstring. ``overrides`` are ``medseg fit`` arguments applied to every fold (e.g. ``["--trainer.max_epochs",
     "1"]``); ``fold`` trains and predicts that fold only (no pooled evaluation); ``seed`` is the split's, and
-    each fold's ``seed_everything`` and ``data.seed`` (sampling and augmentation).
+    each fold's ``seed_everything`` and ``data.seed`` (sampling and augmentation). ``progress`` is the
+    :class:`medseg.progress.CvProgress` that shows where the folds are (``medseg benchmark`` shares one across
+    its models); by default one for this config.
 
     Returns:
         ``cv.json``'s content (with ``fold``: that fold's record only, and ``cv.json`` is not written).
@@ -91,7 +94,12 @@ def run_cv(
     chosen = [fold] if fold is not None else list(range(len(splits)))
     for k in chosen:
         fold_of(splits, k)  # out of range: an error before anything trains
-    records = {k: _run_fold(spec, configs, overrides, output, k, fold_of(splits, k)["val"], seed) for k in chosen}
+    from medseg.progress import CvProgress
+
+    tracker, records = progress or CvProgress([configs[0].stem]), {}
+    for i, k in enumerate(chosen):
+        with tracker.fold(configs[0].stem, len(chosen), f"fold {i + 1}/{len(chosen)}" if fold is None else f"fold {k}"):
+            records[k] = _run_fold(spec, configs, overrides, output, k, fold_of(splits, k)["val"], seed)
     if fold is not None:
         return records[fold]
     result: dict[str, Any] = {
@@ -123,6 +131,7 @@ def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], outp
     """
     import time
 
+    from medseg.progress import EPOCH_CALLBACK_ARGS, QUIET_FOLD_ARGS
     from medseg.training import fit, resumable_checkpoint
 
     folder = output / f"fold_{k}"
@@ -133,7 +142,8 @@ def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], outp
         _write_record(folder / FOLD_FILE, {"fold": k, "cases": val, "run": identity, "trained": False})
         resume = resumable_checkpoint(folder / configs[0].stem)
         args = [arg for config in configs for arg in ("--config", str(config))]
-        args += [*overrides, "--data.val_cases", json.dumps(val), "--trainer.default_root_dir", str(folder)]
+        args += [*QUIET_FOLD_ARGS, *overrides, *EPOCH_CALLBACK_ARGS, "--data.val_cases", json.dumps(val),
+                 "--trainer.default_root_dir", str(folder)]
         if resume is not None:
             print(f"medseg cv: fold {k}: resuming from {resume}")
             args += ["--ckpt_path", str(resume)]
@@ -208,7 +218,7 @@ def _evaluate_pooled(spec: DatasetSpec, output: Path, held_out: set[str], max_vo
         regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
         references = {c["id"]: c["label"] for c in spec.training if c["id"] in held_out}
         summary = evaluate_segmentation(output / "predictions", references, output, classes=classes, regions=regions,
-                                        max_voxels=max_voxels)
+                                        max_voxels=max_voxels, names=dict(spec.labels))
         if not regions:  # post-processing acts on label values; choosing it for regions is not done yet
             _choose_postprocessing(spec, output, classes, held_out, max_voxels)
         return summary["foreground_mean"]

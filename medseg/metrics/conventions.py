@@ -22,12 +22,15 @@ only; every summary then counts how many pairs were left out.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 DIAGONAL = "diagonal"
 
@@ -101,10 +104,11 @@ def dice_from_counts(true_positives: Any, predicted: Any, reference: Any, both_e
             tensors of one shape).
         both_empty: the value where neither mask holds the structure (1, or NaN to leave it out).
     """
-    if isinstance(true_positives, torch.Tensor):
+    loaded = sys.modules.get("torch")  # a tensor means torch is loaded; evaluate never needs to import it
+    if loaded is not None and isinstance(true_positives, loaded.Tensor):
         total = (predicted + reference).double()
         dice = 2.0 * true_positives.double() / total.clamp_min(1.0)
-        return torch.where(total > 0, dice, torch.full_like(dice, both_empty))
+        return loaded.where(total > 0, dice, loaded.full_like(dice, both_empty))
     total = np.asarray(predicted, dtype=np.float64) + np.asarray(reference, dtype=np.float64)
     dice = np.where(total > 0, 2.0 * np.asarray(true_positives, dtype=np.float64) / np.maximum(total, 1.0),
                     both_empty)

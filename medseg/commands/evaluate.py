@@ -1,0 +1,88 @@
+"""``medseg evaluate``: score a folder of predictions (or a predictions.csv) against references."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from medseg.commands.common import CommandError, doc, max_voxels_option
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options of ``medseg evaluate``."""
+    parser = argparse.ArgumentParser(prog="medseg evaluate", description=doc("evaluate"))
+    parser.add_argument("--pred", required=True, help="folder of <case>.nii.gz predictions, or predictions.csv")
+    parser.add_argument("--truth", required=True, help="folder of reference label files, or a dataset.json")
+    parser.add_argument("--output", required=True, help="folder for per_case.csv, summary.csv, summary.json")
+    parser.add_argument("--labels", type=labels, default=None, metavar="1,2",
+                        help="foreground label values to score in every case (default: a dataset.json's labels, "
+                             "else every value the reference files hold)")
+    parser.add_argument("--nsd-tolerance", type=float, default=1.0, help="normalised surface Dice tolerance (mm)")
+    parser.add_argument("--empty-distance", default="diagonal", metavar="diagonal|MM|nan",
+                        help="hd95/assd of a missed or spurious structure: the image diagonal in mm (default), a "
+                             "number of mm, or nan to leave such pairs out of the means (counted and warned)")
+    parser.add_argument("--probabilities", default=None, metavar="DIR",
+                        help="saved probabilities (medseg predict --save-probabilities; default PRED/probabilities "
+                             "when it exists): adds ECE, Brier and NLL per case and class, and reliability.png")
+    parser.add_argument("--both-empty", default="1", choices=("1", "nan"),
+                        help="dice/iou/nsd of a structure absent from both masks: 1 (default), or nan to leave "
+                             "such pairs out")
+    max_voxels_option(parser)
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    """``medseg evaluate ARGS``; exit code 1 when a reference case has no prediction."""
+    args = parser().parse_args(argv)
+    from medseg.evaluation.evaluate import evaluate_classification, evaluate_segmentation
+    from medseg.metrics.conventions import EmptyMaskRules
+
+    pred = Path(args.pred)
+    try:
+        rules = EmptyMaskRules.parse(args.both_empty, args.empty_distance)
+        if pred.suffix == ".csv" or (pred / "predictions.csv").is_file():
+            return _report_classification(evaluate_classification(pred, args.truth, args.output), args.output)
+        summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, rules,
+                                        classes=args.labels, max_voxels=args.max_voxels,
+                                        probabilities=args.probabilities)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    fg, hits = summary["foreground_mean"], summary["conventions"]
+    print(f"{summary['cases']} case(s): foreground mean Dice {fg['dice']:.4f}, HD95 {fg['hd95']:.2f} mm, "
+          f"NSD {fg['nsd']:.4f}; tables in {args.output}")
+    missed = hits["prediction_empty"] + hits["reference_empty"]
+    if missed:
+        print(f"  {hits['prediction_empty']} missed and {hits['reference_empty']} spurious structure(s): Dice 0, "
+              f"HD95/ASSD {args.empty_distance}{'' if args.empty_distance == 'nan' else ' (penalty)'}")
+    for metric, count in summary["left_out"].items():
+        print(f"warning: {metric}: {count} case/class pair(s) are undefined (nan by request) and left out of its "
+              "means", file=sys.stderr)
+    for key in ("missing_predictions", "unmatched_predictions"):
+        if summary[key]:
+            print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)
+    undeclared = summary["undeclared_labels"]
+    if undeclared["cases"]:
+        print(f"  undeclared label values: {undeclared['voxels']} voxel(s) in {undeclared['cases']} case(s) "
+              "(summary.json: undeclared_labels)", file=sys.stderr)
+    return 1 if summary["missing_predictions"] else 0
+
+
+def labels(text: str) -> list[int]:
+    """Foreground label values written ``1,2,3``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give foreground label values > 0, e.g. 1,2")
+    return sorted(set(values))
+
+
+def _report_classification(summary: dict, output: str) -> int:
+    print(f"{summary['cases']} case(s): accuracy {summary['accuracy']:.4f}, AUC {summary['auc']:.4f}, "
+          f"macro F1 {summary['f1_macro']:.4f}, ECE {summary['ece']:.4f}; tables and plots in {output}")
+    for key in ("missing_predictions", "unmatched_predictions"):
+        if summary[key]:
+            print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)
+    return 1 if summary["missing_predictions"] else 0
