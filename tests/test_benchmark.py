@@ -16,6 +16,7 @@ from medseg.evaluation import ranking
 from medseg.evaluation.benchmark import dataset_names
 from medseg.evaluation.ranking import MEAN_RANK
 from medseg.evaluation.report import SEG_METRICS, bootstrap_ci, compare, holm, rank_biserial
+from tests.test_report_render import check_benchmark_page, parse_report
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu",
@@ -43,17 +44,25 @@ def test_segmentation_benchmark_report(seg2d_root: Path, tmp_path: Path) -> None
     other = next(r for r in dice if r["wilcoxon_p"] != "")
     assert float(other["p_holm"]) == pytest.approx(float(other["wilcoxon_p"]))  # one comparison: nothing to adjust
     assert -1 <= float(other["effect_rbc"]) <= 1 and other["median_diff"] != ""
-    html = (out / "report.html").read_text()
-    for column in ("wilcoxon_p", "p_holm", "effect_rbc", "median_diff"):
-        assert f"<th>{column}</th>" in html and f"| {column} |" in (out / "report.md").read_text()
-    assert "<h2>Statistics</h2>" in html and "Holm" in html and "rank-biserial" in html and "bootstrap" in html
-    # box plots, training curves, reliability, montage: one file to open
-    assert html.count("data:image/png;base64,") == 4
-    assert "<h2>Metric conventions</h2>" in html and "image diagonal" in html
+    html, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    dom = parse_report(html)
+    # every model and metric, with the statistics' columns under human names, per-class tables named by the
+    # dataset's labels, the parameters and times once, the four figures with captions (one file to open)
+    check_benchmark_page(dom, ["seg2d_unet", "seg2d_attention_unet"], ["structure1 (label 1)", "structure2 (label 2)"],
+                         figures=4)  # box plots, training curves, reliability, montage
+    for column in ("Median difference vs best", "p (Wilcoxon)", "p (Holm)", "Effect size r"):
+        assert any(c.startswith(column) for c in dom.table("table-dice")["head"]) and f"| {column}" in md
+    assert "Statistics" in dom.h(2) and "Holm" in html and "rank-biserial" in html and "bootstrap" in html
+    params = {r[0]: r[1] for r in dom.body(dom.table("resources"))}
+    assert params == {r["model"]: f"{int(r['parameters']):,}" for r in dice}  # shown once, thousands separated
+    assert "Metric conventions" in dom.h(2) and "image diagonal" in html
+    counts = {r[0]: r[1] for r in dom.body(dom.table("convention-counts"))}
     for model in ("seg2d_unet", "seg2d_attention_unet"):
         summary = json.loads((out / model / "summary.json").read_text())
-        missed = summary["conventions"]["prediction_empty"]
-        assert f"<td>{model}</td><td>{missed}</td>" in html  # each model's missed structures, as evaluate counted
+        assert counts[model] == str(summary["conventions"]["prediction_empty"])  # missed structures, as counted
+    best = next(r["best"] for r in dice)
+    montage = next(f for f in dom.figures if "Best and worst cases" in f["caption"])
+    assert best in montage["caption"] and "Green" in montage["caption"] and "red" in montage["caption"]
     assert re.search(r"montage\.png", (out / "report.md").read_text())
 
 
@@ -234,8 +243,11 @@ def test_benchmark_across_datasets(tmp_path: Path) -> None:
                 shown = next(r for r in table if r["model"] == m)
                 assert float(shown[MEAN_RANK]) == float(written[m][MEAN_RANK])
     md = (out / "report.md").read_text()
-    assert "| model | alpha | beta | mean rank |" in md and "(alpha/report.html)" in md
-    assert '<a href="beta/report.html">beta</a>' in (out / "report.html").read_text()
+    assert "| Model | alpha | beta | Mean rank |" in md and "(alpha/report.html)" in md
+    dom = parse_report((out / "report.html").read_text())
+    assert dom.h(2) == ["Summary", "Dice ↑ per dataset", "Mean rank per metric", "Statistics", "Datasets"]
+    assert sorted(r[0] for r in dom.body(dom.table("by-dataset"))) == sorted(models)
+    assert ("beta/report.html", "beta") in dom.links
 
 
 def test_benchmark_across_datasets_refuses_duplicate_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

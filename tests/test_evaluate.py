@@ -29,13 +29,15 @@ def test_perfect_predictions_and_a_missing_case(seg3d_root: Path, tmp_path: Path
     assert cases[1]["id"] in err and "stray" in err
     with (out / "per_case.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["case", "class", "dice", "iou", "hd95", "assd", "nsd", "volume_diff_ml",
-                             "sensitivity", "precision"]
+    assert list(rows[0]) == ["case", "class", "name", "dice", "iou", "hd95", "assd", "nsd", "volume_diff_ml",
+                             "sensitivity", "precision"]  # 3D: the size difference is a volume
     assert len(rows) == 1 and float(rows[0]["dice"]) == 1.0 and float(rows[0]["hd95"]) == 0.0
+    assert rows[0]["class"] == "1" and rows[0]["name"] == "structure1"  # the dataset.json's label name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["missing_predictions"] == [cases[1]["id"]] and summary["unmatched_predictions"] == ["stray"]
     assert summary["foreground_mean"]["dice"] == 1.0 and summary["per_class"]["1"]["dice"]["n"] == 1
-    assert (out / "summary.csv").read_text().startswith("class,metric,mean,std,median,n")
+    assert summary["per_class"]["1"]["name"] == "structure1" and "volume_diff_ml" in summary["foreground_mean"]
+    assert (out / "summary.csv").read_text().startswith("class,name,metric,mean,std,median,n")
 
 
 # Anisotropic voxels (mm) along the array axes, the smallest along z; the affine flips x, so the spacing must come
@@ -71,8 +73,9 @@ def _evaluate_one_case(tmp_path: Path, *options: str) -> dict[int, dict[str, flo
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--truth", str(tmp_path / "truth"),
                  "--output", str(tmp_path / "e"), *options]) == 0
     with (tmp_path / "e" / "per_case.csv").open() as handle:
-        return {int(r["class"]): {k: float(v) for k, v in r.items() if k not in ("case", "class")}
-                for r in csv.DictReader(handle)}
+        rows = list(csv.DictReader(handle))
+    assert all(r["name"] == r["class"] for r in rows)  # a folder of labels names no class: the value as text
+    return {int(r["class"]): {k: float(v) for k, v in r.items() if k not in ("case", "class", "name")} for r in rows}
 
 
 def test_shifted_box_scores_match_closed_form(tmp_path: Path) -> None:
@@ -131,6 +134,108 @@ def test_irregular_scores_match_monai(tmp_path: Path) -> None:
         assert rows[cls]["volume_diff_ml"] == pytest.approx((n_pred - n_ref) * voxel_ml)
     # The ellipsoids overlap only in part: the values are far from both a perfect and a missed prediction.
     assert 0.3 < rows[2]["dice"] < 0.9 and rows[2]["hd95"] > 1.0
+
+
+def _write_dataset(root: Path, labels: dict[str, str], maps: dict[str, np.ndarray], affine: np.ndarray) -> Path:
+    """A dataset.json whose labelled test cases are ``maps`` (written as their own images too)."""
+    for case, values in maps.items():
+        write_nifti(values, affine, root / "labelsTs" / f"{case}.nii.gz")
+        write_nifti(values.astype(np.float32), affine, root / "imagesTs" / f"{case}.nii.gz")
+    test = [{"image": f"imagesTs/{case}.nii.gz", "label": f"labelsTs/{case}.nii.gz"} for case in maps]
+    (root / "dataset.json").write_text(json.dumps({"name": "named", "task": "segmentation", "labels": labels,
+                                                   "channel_names": {"0": "MRI"}, "training": test, "test": test}))
+    return root / "dataset.json"
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_label_names_from_a_dataset_json_fill_the_name_column(tmp_path: Path) -> None:
+    from medseg.evaluation.evaluate import evaluate_segmentation
+
+    reference, prediction = _boxes_and_blobs()
+    affine = np.diag([*SPACING, 1.0])
+    description = _write_dataset(tmp_path / "data", {"0": "background", "1": "liver", "2": "tumour"},
+                                 {"case": reference}, affine)
+    write_nifti(prediction, affine, tmp_path / "pred" / "case.nii.gz")
+    summary = evaluate_segmentation(tmp_path / "pred", description, tmp_path / "e")
+    rows = _table(tmp_path / "e" / "per_case.csv")
+    assert [(r["class"], r["name"]) for r in rows] == [("1", "liver"), ("2", "tumour")]  # the class column keeps values
+    table = _table(tmp_path / "e" / "summary.csv")
+    assert list(table[0])[:3] == ["class", "name", "metric"]
+    assert {(r["class"], r["name"]) for r in table} == {("1", "liver"), ("2", "tumour"), ("foreground", "foreground")}
+    dice_2 = next(r for r in table if r["class"] == "2" and r["metric"] == "dice")
+    assert float(dice_2["mean"]) == pytest.approx(float(rows[1]["dice"]))
+    assert list(summary["per_class"]) == ["1", "2"]  # still keyed by the label value
+    assert summary["per_class"]["1"]["name"] == "liver" and summary["per_class"]["2"]["name"] == "tumour"
+    saved = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert saved["per_class"]["2"]["name"] == "tumour" and saved["per_class"]["2"]["dice"]["n"] == 1
+
+    # A mapping of reference files (as cv passes them) names nothing: the names come from `names`, else the value.
+    references = {"case": str(tmp_path / "data" / "labelsTs" / "case.nii.gz")}
+    named = evaluate_segmentation(tmp_path / "pred", references, tmp_path / "n", classes=[1, 2],
+                                  names={0: "background", 1: "liver", 2: "tumour"})
+    assert [r["name"] for r in _table(tmp_path / "n" / "per_case.csv")] == ["liver", "tumour"]
+    assert named["per_class"]["2"]["name"] == "tumour"
+    unnamed = evaluate_segmentation(tmp_path / "pred", references, tmp_path / "u", classes=[1, 2])
+    assert [r["name"] for r in _table(tmp_path / "u" / "per_case.csv")] == ["1", "2"]
+    assert unnamed["per_class"]["1"]["name"] == "1"
+
+
+def test_a_folder_of_labels_names_each_class_by_its_value(tmp_path: Path) -> None:
+    _evaluate_one_case(tmp_path)  # checks name == class in per_case.csv
+    table = _table(tmp_path / "e" / "summary.csv")
+    assert {(r["class"], r["name"]) for r in table} == {("1", "1"), ("2", "2"), ("foreground", "foreground")}
+    summary = json.loads((tmp_path / "e" / "summary.json").read_text())
+    assert summary["per_class"]["1"]["name"] == "1" and summary["per_class"]["2"]["name"] == "2"
+
+
+SPACING_2D = (0.5, 2.0)  # mm along x and y: a pixel is 1.0 mm^2
+
+
+def test_2d_images_report_the_area_difference_in_mm2(tmp_path: Path) -> None:
+    """A 2D case has an area difference in mm^2 (no volume): 5 extra pixels of 0.5 x 2.0 mm are 5.0 mm^2."""
+    from medseg.evaluation.evaluate import evaluate_segmentation
+
+    affine = np.diag([*SPACING_2D, 1.0, 1.0])
+    reference = np.zeros((20, 16), np.uint8)
+    reference[4:10, 3:9] = 1  # 36 pixels
+    reference[12:16, 10:14] = 2  # 16 pixels
+    prediction = reference.copy()
+    prediction[10, 3:8] = 1  # 5 extra pixels of class 1, one row below the square
+    prediction[12:14, 10:14] = 0  # 8 pixels of class 2 missed
+    only_1 = np.zeros_like(reference)
+    only_1[2:6, 2:6] = 1  # a second case without class 2 on either side
+    for case, ref, pred in (("a", reference, prediction), ("b", only_1, only_1)):
+        write_nifti(ref, affine, tmp_path / "truth" / f"{case}.nii.gz")
+        write_nifti(pred, affine, tmp_path / "pred" / f"{case}.nii.gz")
+    summary = evaluate_segmentation(tmp_path / "pred", tmp_path / "truth", tmp_path / "e")
+    rows = _table(tmp_path / "e" / "per_case.csv")
+    assert list(rows[0]) == ["case", "class", "name", "dice", "iou", "hd95", "assd", "nsd", "area_diff_mm2",
+                             "sensitivity", "precision"]
+    area = {(r["case"], r["class"]): float(r["area_diff_mm2"]) for r in rows}
+    assert area[("a", "1")] == pytest.approx(5.0)  # 5 pixels x 0.5 mm x 2.0 mm
+    assert area[("a", "2")] == pytest.approx(-8.0)
+    assert area[("b", "1")] == 0.0 and area[("b", "2")] == 0.0  # class 2 absent from both: 0 mm^2
+    assert summary["per_class"]["1"]["area_diff_mm2"]["mean"] == pytest.approx(2.5)
+    assert summary["foreground_mean"]["area_diff_mm2"] == pytest.approx((2.5 + -4.0) / 2)
+    assert "volume_diff_ml" not in summary["foreground_mean"] and "volume_diff_ml" not in summary["per_class"]["2"]
+    metrics = {r["metric"] for r in _table(tmp_path / "e" / "summary.csv")}
+    assert "area_diff_mm2" in metrics and "volume_diff_ml" not in metrics
+
+
+def test_2d_and_3d_cases_in_one_evaluation_are_refused(tmp_path: Path) -> None:
+    from medseg.evaluation.evaluate import evaluate_segmentation
+
+    flat, deep = np.zeros((8, 8), np.uint8), np.zeros((8, 8, 4), np.uint8)
+    flat[2:5, 2:5] = deep[2:5, 2:5, 1:3] = 1
+    for case, values in (("a", flat), ("b", deep)):
+        write_nifti(values, np.eye(4), tmp_path / "truth" / f"{case}.nii.gz")
+        write_nifti(values, np.eye(4), tmp_path / "pred" / f"{case}.nii.gz")
+    with pytest.raises(ValueError, match=r"b\.nii\.gz: a 3D image, but .*a\.nii\.gz is 2D"):
+        evaluate_segmentation(tmp_path / "pred", tmp_path / "truth", tmp_path / "e")
 
 
 def test_a_prediction_on_another_grid_is_refused(seg3d_root: Path, tmp_path: Path, capsys) -> None:

@@ -152,10 +152,15 @@ def test_truth_as_a_folder_or_a_dataset_json_gives_identical_tables(tmp_path: Pa
     by_folder = evaluate_segmentation(pred, root / "labelsTr", tmp_path / "folder")
     by_json = evaluate_segmentation(pred, description, tmp_path / "json")
     by_option = evaluate_segmentation(pred, root / "labelsTr", tmp_path / "option", classes=[1, 2])
+    import csv
+
+    def table(folder: str, name: str) -> list[dict[str, str]]:  # all but the names (a folder names no class)
+        with (tmp_path / folder / name).open() as handle:
+            return [{k: v for k, v in row.items() if k != "name"} for row in csv.DictReader(handle)]
+
     for name in ("summary.csv", "per_case.csv"):
-        text = (tmp_path / "json" / name).read_text()
-        assert (tmp_path / "folder" / name).read_text() == text
-        assert (tmp_path / "option" / name).read_text() == text
+        assert table("folder", name) == table("json", name) == table("option", name)
+    assert by_json["per_class"]["2"]["name"] == "structure2" and by_folder["per_class"]["2"]["name"] == "2"
     assert by_folder["classes"] == by_json["classes"] == [1, 2]
     # Case 0 has no class 2 on either side: it scores by the both-empty rule (1), in both ways.
     per_class_2 = by_folder["per_class"]["2"]["dice"]
@@ -174,7 +179,7 @@ def test_evaluate_warns_when_nan_is_asked_for(tmp_path: Path, seg3d_root: Path) 
     assert main(["evaluate", "--pred", str(pred), "--truth", str(seg3d_root / "dataset.json"), "--output", str(out),
                  "--empty-distance", "nan"]) == 0
     summary = (out / "summary.csv").read_text().splitlines()
-    hd95 = next(line for line in summary if line.startswith("1,hd95,"))
+    hd95 = next(line for line in summary if line.startswith("1,structure1,hd95,"))
     assert hd95.endswith(",1,1")  # n = 1 case scored, 1 left out: visible beside the mean
 
 

@@ -16,7 +16,13 @@ from monai.metrics import (
 )
 
 from medseg.metrics.conventions import EmptyMaskRules
-from medseg.metrics.segmentation import METRICS, binary_metrics, case_metrics
+from medseg.metrics.segmentation import (
+    METRICS,
+    binary_metrics,
+    both_empty_metrics,
+    case_metrics,
+    metric_names,
+)
 
 
 def _blob(shape: tuple[int, ...], centre: tuple[float, ...], radius: tuple[float, ...]) -> np.ndarray:
@@ -70,7 +76,7 @@ def test_known_answers_on_two_squares() -> None:
     assert m["dice"] == pytest.approx(2 * 12 / 32)
     assert m["iou"] == pytest.approx(12 / 20)
     assert m["sensitivity"] == pytest.approx(12 / 16) and m["precision"] == pytest.approx(12 / 16)
-    assert m["volume_diff_ml"] == 0.0
+    assert m["area_diff_mm2"] == 0.0 and "volume_diff_ml" not in m  # 2D: an area, not a volume
     assert m["hd95"] == pytest.approx(2.0)  # the shift is one voxel along an axis of 2 mm
 
 
@@ -81,6 +87,29 @@ def test_volume_difference_uses_the_spacing() -> None:
     pred[:5, :5, :6] = True  # 150 voxels
     m = binary_metrics(pred, ref, spacing=(2.0, 2.0, 5.0))  # 20 mm^3 a voxel
     assert m["volume_diff_ml"] == pytest.approx(25 * 20 / 1000)
+    assert "area_diff_mm2" not in m and set(m) == set(METRICS)
+
+
+def test_area_difference_in_2d_uses_the_spacing() -> None:
+    ref = np.zeros((12, 12), bool)
+    ref[2:7, 2:7] = True  # 25 pixels
+    pred = ref.copy()
+    pred[7, 2:7] = True  # 5 extra pixels
+    m = binary_metrics(pred, ref, spacing=(0.5, 2.0))  # 1.0 mm^2 a pixel
+    assert m["area_diff_mm2"] == pytest.approx(5 * 0.5 * 2.0)
+    assert binary_metrics(ref, pred, spacing=(0.5, 2.0))["area_diff_mm2"] == pytest.approx(-5.0)
+    assert set(m) == set(metric_names(2)) and "volume_diff_ml" not in m
+    empty = np.zeros((4, 4), bool)
+    assert binary_metrics(empty, empty, (0.5, 2.0))["area_diff_mm2"] == 0.0
+    assert set(both_empty_metrics(ndim=2)) == set(metric_names(2)) and set(both_empty_metrics()) == set(METRICS)
+
+
+def test_metric_names_follow_the_dimensionality() -> None:
+    assert metric_names(3) == METRICS and metric_names(3)[5] == "volume_diff_ml"
+    assert metric_names(2)[5] == "area_diff_mm2"
+    assert [m for m in metric_names(2) if m != "area_diff_mm2"] == [m for m in METRICS if m != "volume_diff_ml"]
+    with pytest.raises(ValueError, match="2D or 3D"):
+        metric_names(4)
 
 
 def test_empty_mask_conventions() -> None:
@@ -108,4 +137,4 @@ def test_case_metrics_scores_every_class() -> None:
     pred[7:11, 7:11] = 0  # class 2 missed
     out = case_metrics(pred, ref, (1.0, 1.0), classes=[1, 2, 3])
     assert out[1]["dice"] == 1.0 and out[2]["dice"] == 0.0 and out[3]["dice"] == 1.0  # 3: absent from both
-    assert set(out[1]) == set(METRICS)
+    assert set(out[1]) == set(out[3]) == set(metric_names(2))  # 2D: area_diff_mm2

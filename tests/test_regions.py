@@ -115,7 +115,7 @@ def test_region_predictions_rebuild_the_label_map_and_score_per_region(
     for name in ("whole", "core", "inner"):
         assert summary["per_class"][name]["dice"]["mean"] >= 0.8
     rows = (tmp_path / "eval" / "per_case.csv").read_text().splitlines()
-    assert rows[0].startswith("case,class,dice") and ",core," in rows[2]
+    assert rows[0].startswith("case,class,name,dice") and ",core,core," in rows[2]
     # Calibration per region: channel r against region r's mask (not label value r).
     pooled = summary["calibration"]["pooled"]
     assert list(pooled) == ["whole", "core", "inner"] and all(v["ece"] < 0.1 for v in pooled.values())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from medseg.data.datalist import SEGMENTATION, load_dataset
 from medseg.data.io import write_csv
 from medseg.evaluation import ranking, report
+from medseg.evaluation.benchmark_report import Settings, write_benchmark_report
 from medseg.evaluation.crossval import dataset_of, run_cv
 from medseg.evaluation.splits import load_or_make_splits
 
@@ -34,11 +34,14 @@ def run_benchmark(
     spec = dataset_of(configs[0], overrides)
     shared = output / "splits.json"
     load_or_make_splits(shared, spec.training, strategy=strategy, folds=folds, seed=seed)
-    runs = {}
+    from medseg.progress import CvProgress
+
+    runs, progress = {}, CvProgress(names, title="medseg benchmark")  # model i/N, fold k/F, epoch e/E; time left
     for name, config in zip(names, configs, strict=True):
         (output / name).mkdir(parents=True, exist_ok=True)
         shutil.copy(shared, output / name / "splits.json")  # every model sees the same folds
-        runs[name] = run_cv(config, output / name, folds, strategy, seed=seed, overrides=overrides)
+        runs[name] = run_cv(config, output / name, folds, strategy, seed=seed, overrides=overrides,
+                            progress=progress)
     metrics = report.SEG_METRICS if spec.task == SEGMENTATION else report.CLS_METRICS
     tables = {name: report.per_case_table(spec, output / name) for name in names}
     rows = report.compare(tables, metrics)
@@ -49,26 +52,7 @@ def run_benchmark(
     rows += _fold_ensemble_rows(spec, runs, output)
     columns = [*RESULT_COLUMNS, "parameters", "train_seconds", "predict_seconds_per_case"]
     write_csv(output / "results.csv", rows, columns)
-    images = [report.box_plots(tables, metrics, output / "boxplots.png"),
-              report.training_curves({n: list(r["log_dirs"].values()) for n, r in runs.items()},
-                                     output / "training_curves.png")]
-    images.append(_reliability_of_models(spec, output, names))
-    if spec.task == SEGMENTATION:
-        best = next(r["best"] for r in rows if r["metric"] == "dice")
-        images.append(report.overlay_montage(spec, output / best, tables[best], output / "montage.png",
-                                             max_voxels=runs[best]["max_voxels"]))
-    else:
-        images.append(_roc_of_models(spec, output, names))
-    tables_md = [
-        "## Results (pooled out-of-fold, mean over cases; 95% bootstrap CI; Wilcoxon signed-rank vs the best, "
-        "Holm-adjusted; rank-biserial effect size)",
-        report.markdown_table(rows, columns),
-        f"{len(configs)} models, {strategy} {folds} folds on `{spec.source}`; overrides: `{' '.join(overrides)}`",
-        "## Statistics",
-        report.statistics_note(metrics),
-        *(_conventions_md(output, names) if spec.task == SEGMENTATION else []),
-    ]
-    report.write_reports(output, "medseg benchmark", tables_md, images)
+    write_benchmark_report(spec, output, runs, tables, rows, Settings(strategy, folds, seed, overrides))
     return rows
 
 
@@ -140,23 +124,12 @@ def run_dataset_benchmark(
     primary = ranking.primary_metric(task)
     rows = ranking.by_dataset_rows(results, models, metrics, primary)
     write_csv(output / "results_by_dataset.csv", rows, ["metric", "table", "model", *names, ranking.MEAN_RANK])
-    label = "accuracy" if primary == "correct" else primary
-    tables_md = [
-        f"## {label} per dataset (mean over cases ± half-width of the 95% bootstrap CI; mean rank over datasets)",
-        report.markdown_table([r for r in rows if r["table"] == ranking.VALUE_TABLE],
-                              ["model", *names, ranking.MEAN_RANK]),
-        "## Mean rank per metric",
-        report.markdown_table(ranking.mean_rank_by_metric(results, models, metrics), ["model", *metrics]),
-        f"Rank 1 = best on a dataset (highest mean; lowest for "
-        f"{', '.join(m for m, h in metrics.items() if not h)}); tied models share the average rank; a model "
-        f"without a value ranks last. Mean rank: the average over the {len(names)} datasets. "
-        f"{len(configs)} models, {strategy} {folds} folds; overrides: `{' '.join(overrides)}`. "
-        "Per-dataset ranks: `results_by_dataset.csv`.",
-        "## Datasets",
-        report.markdown_table([{"dataset": f"[{n}]({n}/report.html)", "source": f"`{d}`"}
-                               for n, d in zip(names, datasets, strict=True)], ["dataset", "source"]),
-    ]
-    report.write_reports(output, "medseg benchmark across datasets", tables_md, [])
+    facts = [("Datasets", " ".join(str(d) for d in datasets)), ("Models", ", ".join(models)),
+             ("Cross-validation", f"{strategy}, {folds} folds, seed {seed}; the same splits for every model"),
+             ("Overrides", " ".join(overrides) or "none")]
+    sources = {n: str(d) for n, d in zip(names, datasets, strict=True)}
+    report.write_reports(output, "datasets", ranking.datasets_context(results, models, metrics, primary, sources,
+                                                                      facts))
     return rows
 
 
@@ -179,7 +152,7 @@ def _fold_ensemble_rows(spec: Any, runs: dict[str, dict[str, Any]], output: Path
             regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
             summary = evaluate_segmentation(folder / "predictions", {c["id"]: c["label"] for c in test}, folder,
                                             classes=[k for k in spec.labels if k > 0], regions=regions,
-                                            max_voxels=run["max_voxels"])
+                                            max_voxels=run["max_voxels"], names=dict(spec.labels))
             values = {m: summary["foreground_mean"][m] for m in report.SEG_METRICS}
         else:
             summary = evaluate_classification(folder / "predictions", spec.source, folder)
@@ -187,71 +160,3 @@ def _fold_ensemble_rows(spec: Any, runs: dict[str, dict[str, Any]], output: Path
         rows += [{"model": f"{name} (fold ensemble, {len(test)} test cases)", "metric": m, "mean": v,
                   "parameters": run["parameters"]} for m, v in values.items()]
     return rows
-
-
-def _conventions_md(output: Path, names: list[str]) -> list[str]:
-    """The report's "Metric conventions" section: the rules, and how many structures each model missed."""
-    import json
-
-    from medseg.metrics.conventions import conventions_markdown
-
-    counts = []
-    for name in names:
-        summary = json.loads((output / name / "summary.json").read_text())
-        hits = summary["conventions"]
-        counts.append({"model": name, "missed structures": hits["prediction_empty"],
-                       "spurious structures": hits["reference_empty"], "absent from both": hits["both_empty"]})
-    columns = ["model", "missed structures", "spurious structures", "absent from both"]
-    return ["## Metric conventions", conventions_markdown(),
-            "Case/structure pairs that met each rule (pooled out-of-fold):", report.markdown_table(counts, columns)]
-
-
-def _reliability_of_models(spec: Any, output: Path, names: list[str]) -> Path:
-    """Each model's pooled out-of-fold reliability: per class (segmentation, all voxels), or top-label
-    (classification, all cases)."""
-    import json
-
-    from medseg.evaluation.plots import reliability_lines
-
-    curves = {}
-    for name in names:
-        if spec.task == SEGMENTATION:
-            calibration = json.loads((output / name / "summary.json").read_text()).get("calibration", {})
-            for structure, curve in calibration.get("curves", {}).items():
-                ece = calibration["pooled"][structure]["ece"]
-                curves[f"{name} {structure} (ECE {ece:.3f})"] = curve
-        else:
-            import numpy as np
-
-            from medseg.metrics.calibration import MulticlassCalibration
-
-            truth = {c["id"]: c["label"] for c in spec.training}
-            with (output / name / "predictions" / "predictions.csv").open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            p = np.array([[float(r[f"p_{n}"]) for n in spec.label_names] for r in rows])
-            accumulator = MulticlassCalibration(len(spec.label_names))
-            accumulator.update(p, np.array([truth[r["case"]] for r in rows]), channel_axis=1)
-            curves[f"{name} (ECE {accumulator.result()['ece']:.3f})"] = accumulator.curve()
-    title = "reliability, per class (all voxels)" if spec.task == SEGMENTATION else "reliability (top label)"
-    return reliability_lines(curves, output / "reliability.png", title)
-
-
-def _roc_of_models(spec: Any, output: Path, names: list[str]) -> Path:
-    import numpy as np
-
-    from medseg.evaluation.plots import pyplot, roc_points, save_figure
-
-    truth = {c["id"]: c["label"] for c in spec.training}
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for name in names:
-        with (output / name / "predictions" / "predictions.csv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        positive = np.array([truth[r["case"]] == len(spec.label_names) - 1 for r in rows])
-        scores = np.array([float(r[f"p_{spec.label_names[-1]}"]) for r in rows])
-        fpr, tpr = roc_points(positive, scores)
-        ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({spec.label_names[-1]} vs rest)")
-    ax.legend(loc="lower right")
-    return save_figure(fig, output / "roc.png")

@@ -4,6 +4,11 @@ Cases present on one side only are reported (in the summary and on the console),
 prediction voxels whose label value the truth does not declare (``undeclared_labels``): they score as background.
 A ``dataset.json`` that declares regions (overlapping sets of label values) is scored per region: the ``class``
 column then holds the region's name.
+
+Every row names its structure (the ``name`` column of ``per_case.csv`` and ``summary.csv``, ``name`` in each
+``per_class`` entry of ``summary.json``): a class's name from the ``dataset.json`` ``labels``, a region's name, or,
+without names (a folder of labels), the label value as text. The size difference is ``volume_diff_ml`` for 3D
+images and ``area_diff_mm2`` for 2D ones (:func:`medseg.metrics.segmentation.metric_names`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from medseg.evaluation.calibration_scores import (
     structures_of,
 )
 from medseg.metrics.conventions import EmptyMaskRules
-from medseg.metrics.segmentation import METRICS, both_empty_metrics, case_metrics, region_metrics
+from medseg.metrics.segmentation import both_empty_metrics, case_metrics, metric_names, region_metrics
 
 SUMMARY_STATS = ("mean", "std", "median", "n", "undefined")
 # Metrics whose NaN comes from an explicit request (--both-empty nan, --empty-distance nan): warned when averaged.
@@ -45,24 +50,24 @@ RULED_METRICS = ("dice", "iou", "nsd", "hd95", "assd")
 
 def reference_cases(
     truth: str | Path | dict[str, str],
-) -> tuple[dict[str, str], list[int] | None, dict[str, list[int]] | None]:
-    """Reference label files by case id, and what a ``dataset.json`` declares: its foreground classes, and its
-    regions (name -> label values) when it has any.
+) -> tuple[dict[str, str], list[int] | None, dict[str, list[int]] | None, dict[int, str] | None]:
+    """Reference label files by case id, and what a ``dataset.json`` declares: its foreground classes, its
+    regions (name -> label values) when it has any, and its label names (value -> name).
 
     Args:
         truth: a folder of label files, a ``dataset.json`` (its labelled ``test`` cases, else ``training``),
             or already a mapping ``case id -> label file``.
     """
     if isinstance(truth, dict):
-        return dict(truth), None, None
+        return dict(truth), None, None, None
     truth = Path(truth)
     if truth.is_file() or (truth / "dataset.json").is_file():
         spec = load_dataset(truth)
         cases = [c for c in spec.test if c["label"]] or spec.training
         regions = {name: list(values) for name, values in spec.regions} if spec.regions else None
-        return {c["id"]: c["label"] for c in cases}, [k for k in spec.labels if k > 0], regions
+        return {c["id"]: c["label"] for c in cases}, [k for k in spec.labels if k > 0], regions, dict(spec.labels)
     files = sorted(p for p in truth.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
-    return {case_id(p): str(p) for p in files}, None, None
+    return {case_id(p): str(p) for p in files}, None, None, None
 
 
 def evaluate_segmentation(
@@ -75,6 +80,7 @@ def evaluate_segmentation(
     regions: dict[str, list[int]] | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     probabilities: str | Path | None = None,
+    names: dict[int, str] | None = None,
 ) -> dict[str, Any]:
     """Score every prediction ``<pred>/<case>.nii.gz`` against its reference; write the tables.
 
@@ -86,17 +92,22 @@ def evaluate_segmentation(
     ``rules`` are the empty-mask rules (:mod:`medseg.metrics.conventions`); ``max_voxels`` bounds what an
     image header may claim. ``probabilities`` (default ``<pred>/probabilities`` when it exists, from ``medseg
     predict --save-probabilities``) adds ECE, Brier and NLL per case and structure, their pooled values, and
-    ``reliability.png``.
+    ``reliability.png``. ``names`` (label value -> name; default: a ``dataset.json``'s ``labels``, else the
+    value as text) fill the ``name`` column; a region's name is its own.
+
+    The size difference is ``volume_diff_ml`` for 3D images and ``area_diff_mm2`` for 2D ones; every case must
+    have the dimensionality of the first.
 
     Returns:
         The summary dict written to ``summary.json``.
     """
     pred, output, rules = Path(pred), Path(output), rules or EmptyMaskRules()
-    references, declared, declared_regions = reference_cases(truth)
+    references, declared, declared_regions, declared_names = reference_cases(truth)
     if classes and declared_regions and not regions:
         raise ValueError(f"{truth}: declares regions, which are scored instead of label values: leave out --labels")
     classes = classes or declared
     regions = regions or declared_regions
+    names = names or declared_names or {}
     predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
     matched = sorted(set(references) & set(predictions))
     calibration = _calibration(pred, probabilities, matched, classes, regions)
@@ -104,8 +115,13 @@ def evaluate_segmentation(
     rows: list[dict[str, Any]] = []
     predicted: dict[str, dict[float, int]] = {}  # voxels of each predicted value, per case
     in_truth: set[float] = set()  # label values the reference files hold
+    first: tuple[int, str] | None = None  # the dimensionality of the first reference, and its file
     for case in tqdm(matched, desc="evaluating", unit="case"):
         reference, affine = read_image(references[case], max_voxels=max_voxels)
+        first = first or (reference.ndim, references[case])
+        if reference.ndim != first[0]:
+            raise ValueError(f"{references[case]}: a {reference.ndim}D image, but {first[1]} is {first[0]}D: the "
+                             "cases of one evaluation must all be 2D or all 3D")
         prediction, pred_affine = read_image(predictions[case], max_voxels=max_voxels)
         if prediction.shape != reference.shape or not np.allclose(pred_affine, affine, atol=1e-3):
             raise ValueError(f"{predictions[case]}: grid {prediction.shape} does not match the reference "
@@ -124,10 +140,13 @@ def evaluate_segmentation(
         rows += [{"case": case, "class": c, **values} for c, values in scores.items()]
         if calibration is not None:
             calibrated |= {(case, c): v for c, v in calibration.case(case, reference, affine).items()}
+    ndim = first[0] if first else 3
     if not regions and classes is None:  # the classes are those the reference files hold, in every case
         classes = sorted(int(v) for v in in_truth if v > 0)
-        rows = _on_classes(rows, matched, classes, rules)
-    metrics = list(METRICS)
+        rows = _on_classes(rows, matched, classes, rules, ndim)
+    rows = [{**row, "name": row["class"] if regions else names.get(row["class"], str(row["class"]))}
+            for row in rows]
+    metrics = list(metric_names(ndim))
     if calibration is not None:
         metrics += CALIBRATION_METRICS
         calibration.keep(list(regions) if regions else classes)
@@ -150,8 +169,8 @@ def evaluate_segmentation(
     if calibration is not None:
         summary["calibration"] = calibration.summary()
         reliability_diagram(calibration, output / "reliability.png")
-    write_csv(output / "per_case.csv", rows, ["case", "class", *metrics])
-    write_csv(output / "summary.csv", _summary_rows(summary), ["class", "metric", *SUMMARY_STATS])
+    write_csv(output / "per_case.csv", rows, ["case", "class", "name", *metrics])
+    write_csv(output / "summary.csv", _summary_rows(summary), ["class", "name", "metric", *SUMMARY_STATS])
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(_nan_to_none(summary), handle, indent=2)
     return summary
@@ -180,10 +199,10 @@ def _calibration(pred: Path, probabilities: str | Path | None, cases: list[str],
 
 
 def _on_classes(rows: list[dict[str, Any]], cases: list[str], classes: list[int],
-                rules: EmptyMaskRules) -> list[dict[str, Any]]:
+                rules: EmptyMaskRules, ndim: int = 3) -> list[dict[str, Any]]:
     """The rows of ``classes`` only, with a both-empty row where a case had none of a class on either side."""
     scored = {(r["case"], r["class"]): r for r in rows}
-    return [scored.get((case, c)) or {"case": case, "class": c, **both_empty_metrics(rules)}
+    return [scored.get((case, c)) or {"case": case, "class": c, **both_empty_metrics(rules, ndim)}
             for case in cases for c in classes]
 
 
@@ -215,13 +234,21 @@ def _undeclared(predicted: dict[str, dict[float, int]], declared: set[float], fi
     return {"cases": len(by_case), "voxels": sum(sum(v.values()) for v in by_case.values()), "by_case": by_case}
 
 
-def summarize(rows: list[dict[str, Any]], metrics: Sequence[str] = METRICS) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], metrics: Sequence[str] | None = None) -> dict[str, Any]:
     """Mean, std, median and count of each metric per class, and the foreground mean (the mean over classes of
-    the per-class means). NaN values are left out of the statistics and counted as ``undefined``."""
+    the per-class means). NaN values are left out of the statistics and counted as ``undefined``.
+
+    ``metrics`` default to those of the rows' dimensionality (:func:`metric_names`); each class's entry holds
+    its ``name`` too when the rows do.
+    """
+    if metrics is None:
+        metrics = metric_names(2 if rows and "area_diff_mm2" in rows[0] else 3)
     per_class: dict[str, Any] = {}
-    names = list(dict.fromkeys(r["class"] for r in rows))  # regions: in their declared order
-    for c in sorted(names) if all(isinstance(c, int) for c in names) else names:
-        per_class[str(c)] = {m: _stats([r[m] for r in rows if r["class"] == c]) for m in metrics}
+    classes = list(dict.fromkeys(r["class"] for r in rows))  # regions: in their declared order
+    for c in sorted(classes) if all(isinstance(c, int) for c in classes) else classes:
+        mine = [r for r in rows if r["class"] == c]
+        per_class[str(c)] = {"name": str(mine[0]["name"])} if "name" in mine[0] else {}
+        per_class[str(c)] |= {m: _stats([r[m] for r in mine]) for m in metrics}
     foreground = {
         m: float(np.nanmean([v[m]["mean"] for v in per_class.values()])) if per_class else float("nan")
         for m in metrics
@@ -254,9 +281,10 @@ def _convention_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [{"class": c, "metric": m, **s} for c, metrics in summary["per_class"].items() for m, s in metrics.items()]
-    rows += [{"class": "foreground", "metric": m, "mean": v, "std": "", "median": "", "n": "", "undefined": ""}
-             for m, v in summary["foreground_mean"].items()]
+    rows = [{"class": c, "name": entry.get("name", c), "metric": m, **s}
+            for c, entry in summary["per_class"].items() for m, s in entry.items() if m != "name"]
+    rows += [{"class": "foreground", "name": "foreground", "metric": m, "mean": v, "std": "", "median": "", "n": "",
+              "undefined": ""} for m, v in summary["foreground_mean"].items()]
     return rows
 
 

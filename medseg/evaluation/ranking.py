@@ -124,3 +124,63 @@ def mean_rank_by_metric(results: dict[str, list[dict[str, Any]]], models: list[s
     ranks = {metric: {r["model"]: r[MEAN_RANK] for r in rank_table(results, models, metric, higher)}
              for metric, higher in metrics.items()}
     return [{"model": m, **{metric: ranks[metric][m] for metric in metrics}} for m in models]
+
+
+def datasets_context(results: dict[str, list[dict[str, Any]]], models: list[str], metrics: dict[str, bool],
+                     primary: str, sources: dict[str, str], facts: list[tuple[str, str]]) -> dict[str, Any]:
+    """The variables of the ``datasets`` report templates (:func:`medseg.evaluation.report.write_reports`).
+
+    Args:
+        results: ``dataset -> results.csv rows``.
+        models: the models, in row order.
+        metrics: ``metric -> higher is better``.
+        primary: the metric of the models × datasets table.
+        sources: ``dataset name -> where it was read from``.
+        facts: ``(label, value)`` lines about the run (models, folds, overrides).
+    """
+    from medseg.evaluation import report_format as fmt
+    from medseg.evaluation.report import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+    from medseg.evaluation.report_sections import Link, Table
+
+    info, names = fmt.info(primary), list(results)
+    rows = model_rows(results, models, primary)
+    mean_ranks = {r["model"]: r[MEAN_RANK] for r in rank_table(results, models, primary, metrics[primary])}
+    body = [[m, *(info.estimate(rows[d][m]["mean"], None, rows[d][m]["ci_low"], rows[d][m]["ci_high"])
+                  for d in names), fmt.number(mean_ranks[m], 2)] for m in models]
+    strong = set()
+    for j, d in enumerate(names, start=1):
+        ranks = rank_models({m: float(rows[d][m]["mean"]) for m in models}, metrics[primary])
+        strong |= {(i, j) for i, m in enumerate(models) if ranks[m] == 1.0}
+    leader = min(models, key=lambda m: mean_ranks[m])
+    strong |= {(models.index(leader), len(names) + 1)}
+    values = Table(["Model", *names, "Mean rank"], body,
+                   f"{info.label}, {info.direction}: mean over the cases of each dataset [95% bootstrap CI of the "
+                   "mean], pooled out-of-fold; the best model of each dataset and the best mean rank in bold.",
+                   strong=strong)
+    by_metric = mean_rank_by_metric(results, models, metrics)
+    rank_strong = {(min(range(len(models)), key=lambda i: by_metric[i][k]), j) for j, k in enumerate(metrics, 1)}
+    ranks = Table(["Model", *(f"{fmt.info(k).label} {fmt.info(k).arrow}" for k in metrics)],
+                  [[r["model"], *(fmt.number(r[k], 2) for k in metrics)] for r in by_metric],
+                  f"Each model's rank per metric averaged over the {len(names)} datasets (1 = best); the best in "
+                  "bold.", strong=rank_strong)
+    lower = ", ".join(fmt.info(m).name for m, higher in metrics.items() if not higher) or "none"
+    statistics = [
+        f"Ranks: on each dataset the models are ranked by their mean (rank 1 = best: the highest mean; the "
+        f"lowest for {lower}); tied models share the average of their ranks and a model without a value ranks "
+        f"last. The mean rank is the average of a model's ranks over the {len(names)} datasets.",
+        "Intervals: each dataset's 95% confidence interval is a percentile bootstrap of the mean over its cases "
+        f"({BOOTSTRAP_RESAMPLES:,} resamples of the cases with replacement, seed {BOOTSTRAP_SEED}). The "
+        "per-dataset tests, effect sizes and "
+        "per-class results are in each dataset's own report; every rank is in results_by_dataset.csv.",
+    ]
+    datasets = Table(["Dataset", "Source", "Report"],
+                     [[Link(n, f"{n}/report.html"), sources[n], Link("report", f"{n}/report.html")] for n in names],
+                     "Each dataset's own benchmark report lies in the folder of its name.",
+                     numeric=[False, False, False])
+    return {"title": "medseg benchmark across datasets",
+            "subtitle": f"{len(models)} models on {len(names)} datasets",
+            "toc": [("summary", "Summary"), ("by-dataset", f"{info.name} per dataset"),
+                    ("ranks", "Mean rank per metric"), ("statistics", "Statistics"), ("datasets", "Datasets")],
+            "facts": facts, "primary": info, "leader": leader, "leader_rank": fmt.number(mean_ranks[leader], 2),
+            "n_datasets": len(names), "values": values, "ranks": ranks, "statistics": statistics,
+            "datasets": datasets}

@@ -1,10 +1,14 @@
-"""Comparison of cross-validated models: per-case tables, statistics, plots, ``report.md`` and ``report.html``."""
+"""Comparison of cross-validated models: per-case tables, statistics, and ``report.md``/``report.html``.
+
+The reports are rendered from the Jinja2 templates in ``medseg/evaluation/templates`` (``<kind>.html.j2`` and
+``<kind>.md.j2``); :mod:`medseg.evaluation.report_sections` shapes their content, :mod:`medseg.evaluation.plots`
+draws their figures.
+"""
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import math
 import re
 from collections.abc import Sequence
@@ -15,8 +19,8 @@ import numpy as np
 from scipy import stats
 
 from medseg.data.datalist import SEGMENTATION, DatasetSpec
-from medseg.data.io import DEFAULT_MAX_VOXELS, atomic_path, read_image
-from medseg.evaluation.plots import pyplot, save_figure
+from medseg.data.io import atomic_path
+from medseg.evaluation import report_format as fmt
 
 # metric -> higher is better
 SEG_METRICS = {"dice": True, "nsd": True, "hd95": False, "assd": False, "ece": False, "brier": False, "nll": False}
@@ -163,99 +167,122 @@ def _paired_test(model: np.ndarray, best: np.ndarray) -> dict[str, float]:
     return {"wilcoxon_p": p, "effect_rbc": rank_biserial(diff), "median_diff": float(np.median(diff))}
 
 
-def statistics_note(metrics: dict[str, bool]) -> str:
-    """The "Statistics" paragraph of a report: test, correction, effect size and confidence interval."""
-    lower = ", ".join(m for m, higher in metrics.items() if not higher) or "none"
-    return (
-        "Each model is compared with the best model of each metric (highest mean; lowest for "
-        f"{lower}) on the cases both have a value for, by the two-sided Wilcoxon signed-rank test of the paired "
-        "per-case values (`wilcoxon_p`; zero differences dropped; 1 when all differences are zero). `p_holm`: "
-        "these p-values Holm–Bonferroni-adjusted (step-down) over the comparisons with the best within each "
-        "metric. Effect size `effect_rbc`: the matched-pairs rank-biserial correlation (W+ − W−)/(W+ + W−) of "
-        "the differences model − best, in [−1, 1]; positive means the model's values tend to be higher than "
-        "the best's (better for a higher-is-better metric, worse for the others); `median_diff`: the median "
-        "difference model − best. `ci_low`/`ci_high`: 95% percentile bootstrap interval of the mean over "
-        f"cases ({BOOTSTRAP_RESAMPLES} resamples of the cases with replacement, seed {BOOTSTRAP_SEED})."
-    )
-
-
-def box_plots(tables: dict[str, dict[str, dict[str, float]]], metrics: dict[str, bool], path: Path) -> Path:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        data = [[row[metric] for row in t.values() if not math.isnan(row[metric])] for t in tables.values()]
-        ax.boxplot(data, tick_labels=list(tables))
-        ax.set_title(metric)
-        ax.tick_params(axis="x", rotation=30)
-    return save_figure(fig, path)
-
-
-def training_curves(log_dirs: dict[str, list[str]], path: Path) -> Path:
-    """Training loss per epoch (solid) and validation loss per validation round (dashed), one colour per model,
-    each the mean over the model's folds."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for colour, (model, dirs) in enumerate(log_dirs.items()):
-        for key, style in (("train/loss_epoch", "-"), ("val/loss", "--")):
-            curves = []
-            for d in dirs:
-                with (Path(d) / "metrics.csv").open(newline="") as handle:
-                    curves.append([float(r[key]) for r in csv.DictReader(handle) if r.get(key)])
-            n = min((len(c) for c in curves), default=0)
-            if n:
-                ax.plot(range(1, n + 1), np.mean([c[:n] for c in curves], axis=0), style, marker="o",
-                        color=f"C{colour}", label=f"{model} {key.split('/')[0]}")
-    ax.set(xlabel="epoch (train) / validation round (val)", ylabel="loss (mean over folds)", title="training curves")
-    if ax.lines:
-        ax.legend(fontsize="small")
-    return save_figure(fig, path)
-
-
-def overlay_montage(spec: DatasetSpec, cv_dir: Path, table: dict[str, dict[str, float]], path: Path,
-                    max_voxels: int = DEFAULT_MAX_VOXELS) -> Path:
-    """Best and worst cases by Dice: the slice with most reference foreground, outlines of reference/prediction."""
-    from medseg.visualize import best_slice, overlay, save_montage
-
-    ranked = sorted(table, key=lambda c: table[c]["dice"])
-    chosen = list(dict.fromkeys([*ranked[-2:][::-1], *ranked[:2]]))
-    by_id = {c["id"]: c for c in spec.training}
-    tiles, titles = [], []
-    for case in chosen:
-        image, _ = read_image(by_id[case]["image"][0], max_voxels=max_voxels)
-        truth, _ = read_image(by_id[case]["label"], max_voxels=max_voxels)
-        pred, _ = read_image(cv_dir / "predictions" / f"{case}.nii.gz", max_voxels=max_voxels)
-        if image.ndim == 3:
-            z = best_slice(truth)
-            image, truth, pred = image[..., z], truth[..., z], pred[..., z]
-        tiles.append(overlay(image, truth, pred))
-        titles.append(f"{'best' if case in ranked[-2:] else 'worst'} {case} Dice {table[case]['dice']:.3f}")
-    return save_montage(tiles, titles, path)
-
-
-def write_reports(output: Path, title: str, tables_md: list[str], images: list[Path]) -> None:
-    """``report.md`` linking the pictures and ``report.html`` with them embedded (one file to open).
+def statistics_paragraphs(metrics: dict[str, bool], cases: int | None = None, folds: int | None = None,
+                          models: int | None = None, task: str = SEGMENTATION) -> list[str]:
+    """The "Statistics" section of a report: what the numbers are taken over, the test, the correction, the
+    effect size, the confidence interval and the units, as paragraphs.
 
     Args:
-        output: folder for both reports (the pictures are expected there too).
-        title: the reports' heading.
-        tables_md: markdown blocks, each a table, a ``#`` heading or a paragraph (``code``, ``**bold**`` and
-            ``[text](link)`` are rendered in the HTML).
-        images: PNG files to link (markdown) and embed (HTML).
+        metrics: ``metric -> higher is better``.
+        cases: the number of cases (pooled out-of-fold), when known.
+        folds: the number of cross-validation folds, when known.
+        models: the number of models, when known (the number of tests per metric is one less).
+        task: the dataset's task (what a case's value is).
     """
-    md = [f"# {title}", *tables_md, "\n".join(f"![{p.stem}]({p.name})" for p in images)]
+    n = f"n = {cases:,} cases" if cases else "the cases"
+    per_case = ("the mean over its foreground classes (or regions)" if task == SEGMENTATION
+                else "1 when its predicted class is right, else 0 (accuracy), or its Brier score or NLL")
+    lower = [fmt.info(m).name for m, higher in metrics.items() if not higher]
+    tests = f"m = {models - 1} comparison{'s' if models != 2 else ''}" if models else "the comparisons"
+    units = "; ".join(f"{', '.join(names)}: {unit}" for unit, names in _units(metrics).items())
+    return [
+        f"Data: every model was cross-validated on the same {f'{folds} ' if folds else ''}folds, and the held-out "
+        f"predictions of all folds are pooled (pooled out-of-fold): each of {n} is scored once per model, by the "
+        f"model that did not train on it. A case's value of a metric is {per_case}.",
+        "Summaries: the mean and the standard deviation (sample, n − 1) are taken over the cases. The 95% "
+        "confidence interval is a percentile bootstrap of the mean over the cases: "
+        f"{BOOTSTRAP_RESAMPLES:,} resamples of the cases with replacement (seed {BOOTSTRAP_SEED}).",
+        "Tests: for each metric the best model has the highest mean (the lowest for "
+        f"{', '.join(lower) or 'none'}). Every other model is compared with it on the cases both have a value "
+        "for, by the two-sided Wilcoxon signed-rank test of the paired per-case values (zero differences dropped; "
+        f"p = 1 when all differences are zero). Within each metric the p-values of the {tests} with the best "
+        "are Holm–Bonferroni-adjusted (step-down), shown as p (Holm); metrics are not corrected for one another.",
+        "Effect size: the matched-pairs rank-biserial correlation r = (W+ − W−)/(W+ + W−) of the paired "
+        "differences model − best, in [−1, 1]: +1 when the model's value is higher in every case, −1 when it is "
+        "lower in every case. For a higher-is-better metric a negative r means the model is worse than the best, "
+        "for a lower-is-better one a positive r does. The median difference is the median of the paired "
+        "differences model − best, in the metric's unit.",
+        f"Units: {units}" + ("; size differences of the per-class tables: ml for 3D volumes, mm² for 2D areas."
+                             if task == SEGMENTATION else "."),
+    ]
+
+
+def statistics_note(metrics: dict[str, bool], **kwargs: Any) -> str:
+    """The "Statistics" paragraphs of :func:`statistics_paragraphs` as one text."""
+    return " ".join(statistics_paragraphs(metrics, **kwargs))
+
+
+def _units(metrics: dict[str, bool]) -> dict[str, list[str]]:
+    units: dict[str, list[str]] = {}
+    for metric in metrics:
+        info = fmt.info(metric)
+        unit = info.unit or ("unitless, in [0, 1]" if info.decimals == 3 else "unitless")
+        units.setdefault(unit, []).append(info.name)
+    return units
+
+
+def _environment():  # noqa: ANN202 - jinja2 types
+    """The Jinja2 environment of the report templates (HTML autoescaped, Markdown not)."""
+    import jinja2
+
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("medseg.evaluation", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=jinja2.StrictUndefined, trim_blocks=False, lstrip_blocks=False, keep_trailing_newline=True)
+    environment.filters["data_uri"] = _data_uri
+    environment.filters["md"] = _markdown_cell
+    environment.filters["arguments"] = _arguments
+    return environment
+
+
+def _arguments(text: str) -> list[str]:
+    """Command-line text as one piece per option with its value (``--a 1 --b x`` -> ``--a 1``, ``--b x``), so
+    that a line never breaks inside an option."""
+    return [piece for piece in re.split(r"\s+(?=--)", text.strip()) if piece]
+
+
+def _data_uri(path: str | Path) -> str:
+    """A PNG as a ``data:`` URI, so that ``report.html`` is one file to open."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _markdown_cell(value: Any) -> str:
+    """Text for a Markdown table cell: ``|`` escaped, on one line."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render(kind: str, context: dict[str, Any]) -> tuple[str, str]:
+    """``(html, markdown)`` of the templates ``<kind>.html.j2`` and ``<kind>.md.j2`` with ``context``."""
+    environment = _environment()
+    context = {"subtitle": "", "toc": [], **context}
+    page = environment.get_template(f"{kind}.html.j2").render(**context)
+    markdown = environment.get_template(f"{kind}.md.j2").render(**context)
+    return page, _tidy_markdown(markdown)
+
+
+def _tidy_markdown(text: str) -> str:
+    """At most one blank line in a row, one newline at the end."""
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.strip() or (lines and lines[-1].strip()):
+            lines.append(line.rstrip())
+    return "\n".join(lines).strip() + "\n"
+
+
+def write_reports(output: Path, kind: str, context: dict[str, Any]) -> None:
+    """Render ``report.html`` (figures embedded: one file to open) and ``report.md`` (linking the figures,
+    which lie beside it) into ``output``.
+
+    Args:
+        output: folder for both reports (the figures are expected there too).
+        kind: the templates' name: ``"benchmark"`` (one dataset) or ``"datasets"`` (models across datasets).
+        context: the templates' variables (see :mod:`medseg.evaluation.benchmark_report`).
+    """
+    page, markdown = render(kind, context)
     with atomic_path(output / "report.md") as tmp:
-        Path(tmp).write_text("\n\n".join(block for block in md if block) + "\n")
-    html_blocks = "".join(_md_block_to_html(block) for block in tables_md)
-    pictures = "".join(
-        f'<h3>{p.stem}</h3><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        for p in images
-    )
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-            "td,th{border:1px solid #999;padding:4px 8px;text-align:right}img{max-width:100%}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1>{html_blocks}{pictures}</body></html>")
+        Path(tmp).write_text(markdown, encoding="utf-8")
     with atomic_path(output / "report.html") as tmp:
-        Path(tmp).write_text(page)
+        Path(tmp).write_text(page, encoding="utf-8")
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -266,29 +293,3 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _md_block_to_html(block: str) -> str:
-    """One markdown block of :func:`write_reports` as HTML: a table, a heading or a paragraph."""
-    if block.startswith("|"):
-        return _md_table_to_html(block)
-    level = len(block) - len(block.lstrip("#"))
-    if 0 < level <= 6:
-        return f"<h{level}>{_inline_html(block[level:].strip())}</h{level}>"
-    return f"<p>{_inline_html(block)}</p>"
-
-
-def _inline_html(text: str) -> str:
-    """Escaped ``text`` with markdown ``code``, ``**bold**`` and ``[text](link)`` as HTML."""
-    text = html.escape(text, quote=True)
-    text = re.sub(r"`([^`]*)`", r"<code>\1</code>", text)
-    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
-    return re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', text)
-
-
-def _md_table_to_html(table: str) -> str:
-    lines = [line.strip("|").split("|") for line in table.splitlines() if not line.startswith("|---")]
-    head = "".join(f"<th>{_inline_html(c.strip())}</th>" for c in lines[0])
-    body = "".join("<tr>" + "".join(f"<td>{_inline_html(c.strip())}</td>" for c in row) + "</tr>"
-                   for row in lines[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"

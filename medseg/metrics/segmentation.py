@@ -14,8 +14,12 @@ dice, iou, nsd          ``rules.both_empty`` (1)  0.0
 hd95, assd              0.0                       ``rules.distance_penalty`` (the image diagonal in mm)
 sensitivity             NaN (no positives)        0.0 if the prediction is empty, NaN if the reference is
 precision               NaN (no predictions)      0.0 if the reference is empty, NaN if the prediction is
-volume_diff_ml          0.0                       predicted minus reference volume, as always
+volume_diff_ml (3D)     0.0                       predicted minus reference volume (ml), as always
+area_diff_mm2 (2D)      0.0                       predicted minus reference area (mm^2), as always
 =====================  ========================  =====================================================
+
+The size difference is a volume in ml for 3D masks and an area in mm^2 for 2D masks (a 2D image has no
+thickness to make a volume of): :func:`metric_names` gives the metrics, in column order, of either.
 
 Sensitivity and precision are NaN where undefined, and the summaries count those pairs (they are how a missed
 or spurious structure is recognised in a table).
@@ -30,7 +34,28 @@ from scipy import ndimage
 
 from medseg.metrics.conventions import EmptyMaskRules, dice_from_counts
 
-METRICS = ("dice", "iou", "hd95", "assd", "nsd", "volume_diff_ml", "sensitivity", "precision")
+METRICS_3D = ("dice", "iou", "hd95", "assd", "nsd", "volume_diff_ml", "sensitivity", "precision")
+METRICS_2D = ("dice", "iou", "hd95", "assd", "nsd", "area_diff_mm2", "sensitivity", "precision")
+METRICS = METRICS_3D  # the metrics of 3D masks; metric_names(ndim) gives those of either dimensionality
+
+
+def metric_names(ndim: int) -> tuple[str, ...]:
+    """The metrics (CSV columns, in order) of ``ndim``-dimensional masks: with ``area_diff_mm2`` in 2D,
+    ``volume_diff_ml`` in 3D."""
+    if ndim not in (2, 3):
+        raise ValueError(f"segmentation metrics are for 2D or 3D masks, not {ndim}D")
+    return METRICS_2D if ndim == 2 else METRICS_3D
+
+
+def size_difference(n_pred: float, n_ref: float, spacing: Sequence[float]) -> dict[str, float]:
+    """Predicted minus reference size of masks of ``n_pred`` and ``n_ref`` voxels of size ``spacing`` (mm):
+    ``{"area_diff_mm2": mm^2}`` in 2D, ``{"volume_diff_ml": ml}`` in 3D."""
+    mm = (n_pred - n_ref) * float(np.prod(spacing))
+    return {"area_diff_mm2": mm} if _is_2d(len(spacing)) else {"volume_diff_ml": mm / 1000.0}
+
+
+def _is_2d(ndim: int) -> bool:
+    return metric_names(ndim) is METRICS_2D
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
@@ -74,13 +99,13 @@ def binary_metrics(
     tp = float(np.logical_and(pred, ref).sum())
     n_pred, n_ref = float(pred.sum()), float(ref.sum())
     out = {
-        "volume_diff_ml": (n_pred - n_ref) * float(np.prod(spacing)) / 1000.0,
+        **size_difference(n_pred, n_ref, spacing),
         "sensitivity": tp / n_ref if n_ref else float("nan"),
         "precision": tp / n_pred if n_pred else float("nan"),
     }
     rules = rules or EmptyMaskRules()
     if not n_pred and not n_ref:
-        return both_empty_metrics(rules)
+        return both_empty_metrics(rules, pred.ndim)
     out["dice"] = dice_from_counts(tp, n_pred, n_ref, rules.both_empty)
     out["iou"] = tp / (n_pred + n_ref - tp)
     if not n_pred or not n_ref:
@@ -94,10 +119,12 @@ def binary_metrics(
     return out
 
 
-def both_empty_metrics(rules: EmptyMaskRules | None = None) -> dict[str, float]:
-    """The metrics of a structure neither mask holds (they do not depend on the image)."""
+def both_empty_metrics(rules: EmptyMaskRules | None = None, ndim: int = 3) -> dict[str, float]:
+    """The metrics of a structure neither ``ndim``-dimensional mask holds (they do not depend on the image,
+    only the size difference's name does: area in 2D, volume in 3D)."""
     empty = (rules or EmptyMaskRules()).both_empty
-    return {"volume_diff_ml": 0.0, "sensitivity": float("nan"), "precision": float("nan"), "dice": empty,
+    size = "area_diff_mm2" if _is_2d(ndim) else "volume_diff_ml"
+    return {size: 0.0, "sensitivity": float("nan"), "precision": float("nan"), "dice": empty,
             "iou": empty, "hd95": 0.0, "assd": 0.0, "nsd": empty}
 
 
