@@ -3,7 +3,7 @@ done and about how long is left (from the folds trained so far, or the first fol
 
 On a terminal it is one line that updates (tqdm); otherwise (a log file, a pipe) plain lines: when a fold starts
 and ends, and at most one per ``interval`` seconds in between. It goes to stderr. Each fold's trainer gets
-:class:`EpochProgress` (added by :mod:`medseg.evaluation.crossval` with :data:`EPOCH_CALLBACK_ARGS`), which reports
+:class:`EpochProgress` (given by :mod:`medseg.evaluation.crossval` to :func:`medseg.training.fit`), which reports
 its epochs to the :class:`CvProgress` of the fold running now; Lightning's own progress bar and model summary
 are turned off for folds (:data:`QUIET_FOLD_ARGS`, before the user's overrides, which can turn them on again).
 """
@@ -22,7 +22,6 @@ from pytorch_lightning import Callback
 from medseg.console import duration
 
 QUIET_FOLD_ARGS = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-EPOCH_CALLBACK_ARGS = ["--trainer.callbacks+=medseg.progress.EpochProgress"]
 PLAIN_INTERVAL = 60.0  # plain lines: the fewest seconds between two epoch lines
 
 _ACTIVE: list[CvProgress] = []  # the progress of the fold training now (at most one)
@@ -163,9 +162,8 @@ class CvProgress:
 
 
 class EpochProgress(Callback):
-    """Reports each finished training epoch (and the monitored metric) to the fold running now; does nothing
-    outside ``medseg cv``/``benchmark`` (a fold's saved ``config.yaml`` names it, so a run restarted from that
-    file trains as it did)."""
+    """Reports each finished training epoch (and the monitored metric) to the fold running now; given to
+    :func:`medseg.training.fit` by cv, so a fold's saved ``config.yaml`` does not name it."""
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if _ACTIVE and trainer.is_global_zero:

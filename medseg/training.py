@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ class FitResult:
     cli: Any = field(repr=False, default=None)
 
 
-def fit(args: list[str], *, seed: int | None = None, single_process: bool = False) -> FitResult:
+def fit(args: list[str], *, seed: int | None = None, single_process: bool = False,
+        callbacks: Sequence[Any] = ()) -> FitResult:
     """Train as ``medseg fit ARGS`` does; ``args`` are its arguments (``--config``, overrides, ``--ckpt_path``).
 
     Args:
@@ -51,6 +53,7 @@ def fit(args: list[str], *, seed: int | None = None, single_process: bool = Fals
             keeps what the arguments say.
         single_process: refuse a trainer that would launch several processes (``cv`` folds run one process
             each; a DDP launcher would re-run the whole calling command in every process).
+        callbacks: Lightning callbacks added to the config's for this run only (never saved in its config.yaml).
 
     Raises:
         ConfigError, ResumeError, DatasetError, DataCheckError, ...: medseg's refusals, before training.
@@ -60,7 +63,7 @@ def fit(args: list[str], *, seed: int | None = None, single_process: bool = Fals
     if seed is not None:  # after the config files, before the overrides: an explicit --data.seed still wins
         at = max((i + 2 for i, arg in enumerate(args) if arg == "--config"), default=0)
         args[at:at] = ["--seed_everything", str(seed), "--data.seed", str(seed)]
-    cli = run_cli(["fit", *args], single_process=single_process)
+    cli = run_cli(["fit", *args], single_process=single_process, callbacks=callbacks)
     trainer = cli.trainer
     best = saved_checkpoint(trainer, "best")
     return FitResult(best=best, last=saved_checkpoint(trainer, "last"), log_dir=str(trainer.log_dir),
@@ -68,7 +71,7 @@ def fit(args: list[str], *, seed: int | None = None, single_process: bool = Fals
                      seconds=time.perf_counter() - start, cli=cli)
 
 
-def run_cli(argv: list[str], *, single_process: bool = False) -> Any:
+def run_cli(argv: list[str], *, single_process: bool = False, callbacks: Sequence[Any] = ()) -> Any:
     """Run ``fit``/``validate``/``test`` (``argv[0]``) through :class:`~medseg.lightning_cli.MedSegCLI`; returns it."""
     from medseg.lightning_cli import MedSegCLI
 
@@ -77,7 +80,8 @@ def run_cli(argv: list[str], *, single_process: bool = False) -> Any:
     with warnings.catch_warnings():  # `args` are the command line, passed on explicitly
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         try:
-            return MedSegCLI(args=argv, single_process=single_process)
+            defaults = {"trainer_defaults": {"callbacks": list(callbacks)}} if callbacks else {}
+            return MedSegCLI(args=argv, single_process=single_process, **defaults)
         except BaseException as err:
             release_empty_run_folder()
             refusal = medseg_error(err)

@@ -131,7 +131,7 @@ def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], outp
     """
     import time
 
-    from medseg.progress import EPOCH_CALLBACK_ARGS, QUIET_FOLD_ARGS
+    from medseg.progress import QUIET_FOLD_ARGS, EpochProgress
     from medseg.training import fit, resumable_checkpoint
 
     folder = output / f"fold_{k}"
@@ -142,13 +142,13 @@ def _run_fold(spec: DatasetSpec, configs: list[Path], overrides: list[str], outp
         _write_record(folder / FOLD_FILE, {"fold": k, "cases": val, "run": identity, "trained": False})
         resume = resumable_checkpoint(folder / configs[0].stem)
         args = [arg for config in configs for arg in ("--config", str(config))]
-        args += [*QUIET_FOLD_ARGS, *overrides, *EPOCH_CALLBACK_ARGS, "--data.val_cases", json.dumps(val),
+        args += [*QUIET_FOLD_ARGS, *overrides, "--data.val_cases", json.dumps(val),
                  "--trainer.default_root_dir", str(folder)]
         if resume is not None:
             print(f"medseg cv: fold {k}: resuming from {resume}")
             args += ["--ckpt_path", str(resume)]
         # One process: a DDP launcher would re-run the whole `medseg cv` command in each process.
-        result = fit(args, seed=seed, single_process=True)
+        result = fit(args, seed=seed, single_process=True, callbacks=[EpochProgress()])
         record = {"fold": k, "cases": val, "run": identity, "trained": True,
                   "checkpoint": _absolute(result.best), "last": _absolute(result.last),
                   "log_dir": _absolute(result.log_dir), "parameters": result.parameters,
