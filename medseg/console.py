@@ -85,14 +85,15 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def duration(seconds: float) -> str:
-    """``"45 s"``, ``"3 min 20 s"``, ``"2 h 05 min"``."""
-    seconds = max(int(round(seconds)), 0)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+def duration(seconds: float, decimals: int = 0) -> str:
+    """``"45 s"`` (``"45.3 s"`` with ``decimals=1``), ``"3 min 20 s"``, ``"2 h 05 min"``."""
+    seconds = max(float(seconds), 0.0)
+    if round(seconds, decimals) < 60:
+        return f"{seconds:.{decimals}f} s"
+    whole = int(round(seconds))
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600:,} h {whole % 3600 // 60:02d} min"
 
 
 def fit_summary(result: Any) -> str:

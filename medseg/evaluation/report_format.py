@@ -135,15 +135,10 @@ def effect(r: Any) -> str:
 
 
 def seconds(s: Any) -> str:
-    """A duration: ``"12.3 s"``, ``"4 min 05 s"`` or ``"2 h 03 min"``."""
-    if not _finite(s):
-        return "n/a"
-    s = float(s)
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)} min {int(s % 60):02d} s"
-    return f"{int(s // 3600):,} h {int(s % 3600 // 60):02d} min"
+    """A duration: ``"12.3 s"``, ``"4 min 05 s"`` or ``"2 h 03 min"`` (:func:`medseg.console.duration`)."""
+    from medseg.console import duration
+
+    return duration(float(s), decimals=1) if _finite(s) else "n/a"
 
 
 def milliseconds(s: Any) -> str:
