@@ -12,7 +12,9 @@ are declared; the ``test`` list reads too. A failed check does not stop the othe
 
 Channel layout of a single image file: PNG/JPG are ``(X, Y)`` grey or ``(X, Y, C)`` colour. A NIfTI file's spatial
 axes are the first ``n`` where ``n`` is the number of axes of the case's label (of the first label seen for cases
-without one; 3 for datasets without label files); any further axes hold channels.
+without one; 3 for datasets without label files); any further axes hold channels. A DICOM series folder is one
+3D channel; its refusals (mixed series, missing slices, ...) are reported as the folder's problems, and its cached
+result is valid while each of its files is unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm import tqdm
 from medseg.data import sampling
 from medseg.data.cache import CACHE_FILE, DatasetCache
 from medseg.data.datalist import SEGMENTATION, DatasetError, DatasetSpec, find_description, load_dataset
+from medseg.data.dicom import expand_series, is_dicom_series
 from medseg.data.io import (
     DEFAULT_MAX_VOXELS,
     ImageReadError,
@@ -179,7 +182,7 @@ def _run_checks(
         # layout from the labels seen before it (see the module docstring).
         key = f"checks/{CHECKS_VERSION}/{context}/{where}/{_digest(case)}" + (
             "" if labelled else f"/{checker.spatial_ndim}")
-        files = [*case["image"], *([case["label"]] if labelled else [])]
+        files = expand_series([*case["image"], *([case["label"]] if labelled else [])])  # a series: its files
         cached, stamp = cache.lookup(key, files)
         if cached is not None:  # the files are as they were when checked with these settings
             problems += [Problem(*problem) for problem in cached["problems"]]
@@ -239,8 +242,9 @@ class _CaseChecker:
         return problems
 
     def _dimensionality(self, path: str, ndim: int) -> list[Problem]:
-        """A NIfTI file whose axes do not suit the configured ``spatial_dims`` (PNG/JPG are always 2D)."""
-        if self.spatial_dims is None or not is_nifti(path):
+        """A NIfTI file or DICOM series whose axes do not suit the configured ``spatial_dims`` (PNG/JPG are
+        always 2D)."""
+        if self.spatial_dims is None or not (is_nifti(path) or is_dicom_series(path)):
             return []
         allowed = (2,) if self.spatial_dims == 2 else (3, 4)
         if ndim in allowed:
@@ -369,6 +373,8 @@ def _read(path: str, problems: list[Problem], max_voxels: int) -> tuple[np.ndarr
 
 def _layout(path: str, shape: tuple[int, ...], affine: np.ndarray, spatial_ndim: int | None) -> _Image:
     """Split an array shape into spatial shape and channel count (see the module docstring)."""
+    if is_dicom_series(path):  # (X, Y, Z), one channel
+        return _Image(path, tuple(shape), 1, affine)
     if not is_nifti(path):
         return _Image(path, tuple(shape[:2]), int(np.prod(shape[2:], dtype=int)), affine)
     n = spatial_ndim or 3

@@ -26,7 +26,8 @@ or in nnU-Net v2's own form, where ``labels`` maps each region name to its label
 ``regions_class_order`` gives the label value each region writes when predictions are turned back into one
 label map, applied in order (later regions overwrite earlier ones).
 
-``image`` may be a list of files (one per channel). For classification ``label`` is an integer class index.
+``image`` may be a list of files (one per channel), and an image may be a folder holding one DICOM series
+(:mod:`medseg.data.dicom`). For classification ``label`` is an integer class index.
 A CSV with ``image,label[,patient]`` columns describes a classification dataset (paths relative to the CSV).
 
 Each case is a plain dict ``{"id": str, "image": list[str], "label": str | int | None, "patient": str | None}``
@@ -94,12 +95,13 @@ class DatasetSpec:
 
 
 def case_id(path: str | Path) -> str:
-    """Case identifier from an image file name: ``a/b/case_001_0000.nii.gz`` -> ``case_001_0000``."""
+    """Case identifier from an image file name: ``a/b/case_001_0000.nii.gz`` -> ``case_001_0000``; a folder (a
+    DICOM series) keeps its whole name (``1.2.840.1`` stays ``1.2.840.1``)."""
     name = Path(path).name
     for suffix in _IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return Path(name).stem
+    return name if Path(path).is_dir() else Path(name).stem
 
 
 def find_description(root: str | Path) -> Path:

@@ -3,6 +3,12 @@
 A folder is searched recursively; hidden files, ``labelsTr``/``labelsTs`` folders and an excluded folder (the
 output folder, when it lies inside the input) are skipped. Multi-channel cases in a folder use nnU-Net's naming,
 ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...
+
+A DICOM series folder (:mod:`medseg.data.dicom`) is one case named after the folder: the input itself, or each
+series folder found under it. A folder that holds DICOM files directly is a series and nothing else: one that
+also holds other images (the input folder: anywhere under it; a folder under it: directly) is refused, since
+neither reading it as one series nor skipping its DICOM files is surely what was meant (a stray ``.dcm`` among
+NIfTI cases, or a NIfTI copy beside the slices).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.data.datalist import case_id, load_dataset
+from medseg.data.dicom import dicom_files, is_dicom_series
 from medseg.data.io import is_image_file
 
 LABEL_FOLDERS = ("labelsTr", "labelsTs")
@@ -23,14 +30,15 @@ def find_cases(source: str | Path, in_channels: int, exclude: Path | None = None
     """Cases to predict: ``{"id", "image": [files]}``.
 
     Args:
-        source: a ``dataset.json``/CSV (its ``test`` list, else its ``training`` list), or a folder of images.
+        source: a ``dataset.json``/CSV (its ``test`` list, else its ``training`` list), a folder of images and
+            DICOM series folders, or one series folder.
         in_channels: input channels the models expect (more than one: nnU-Net's channel naming).
         exclude: a folder never read as input (the output folder, when it lies inside ``source``).
 
     Raises:
         FileNotFoundError: no such source, or a folder without images.
-        ValueError: a description without cases, or two cases that would get the same id (their outputs would
-            overwrite each other).
+        ValueError: a description without cases, two cases that would get the same id (their outputs would
+            overwrite each other), or a folder holding both DICOM files and other images.
     """
     source = Path(source)
     if source.is_file() and not is_image_file(source):
@@ -79,24 +87,42 @@ def shard_cases(cases: list[dict[str, Any]], index: int, count: int) -> list[dic
 
 
 def _folder_cases(source: Path, in_channels: int, exclude: Path | None) -> list[dict[str, Any]]:
-    files = sorted(
+    found = [
         p for p in source.rglob("*")
-        if p.is_file() and is_image_file(p)
+        if (is_image_file(p) or p.is_dir())
         and not any(part.startswith(".") or part in LABEL_FOLDERS for part in p.relative_to(source).parts)
         and not (exclude and p.resolve().is_relative_to(exclude))
-    )
-    if not files:
-        raise FileNotFoundError(f"{source}: no .nii/.nii.gz/.png/.jpg images found")
+    ]
+    files = sorted(p for p in found if p.is_file() and is_image_file(p))
+    if is_dicom_series(source):  # the input is one series (series in folders under it are not looked at)
+        _refuse_mix(source, files)
+        return [{"id": source.resolve().name, "image": [str(source)]}]
+    series = sorted(p for p in found if p.is_dir() and is_dicom_series(p))
+    for folder in series:
+        _refuse_mix(folder, [p for p in files if p.parent == folder])
+    if not files and not series:
+        raise FileNotFoundError(f"{source}: no .nii/.nii.gz/.png/.jpg images or DICOM series folders found")
     groups: dict[tuple[Path, str], list[Path]] = defaultdict(list)
     for path in files:
         name = case_id(path)
         match = CHANNEL_SUFFIX.match(name) if in_channels > 1 else None
         groups[(path.parent, match.group("case") if match else name)].append(path)
+    cases = [(folder, name, sorted(paths)) for (folder, name), paths in groups.items()]
+    cases += [(folder.parent, folder.name, [folder]) for folder in series]  # one case, one channel each
     counts: dict[str, int] = defaultdict(int)
-    for _, name in groups:
+    for _, name, _ in cases:
         counts[name] += 1
     return [
         {"id": name if counts[name] == 1 else "__".join((*folder.relative_to(source).parts, name)),
-         "image": [str(p) for p in sorted(paths)]}
-        for (folder, name), paths in sorted(groups.items())
+         "image": [str(p) for p in paths]}
+        for folder, name, paths in sorted(cases)
     ]
+
+
+def _refuse_mix(series: Path, images: list[Path]) -> None:
+    """Refuse a series folder that also holds ``images`` (NIfTI, PNG or JPG files)."""
+    if images:
+        dicom = dicom_files(series)[0]
+        raise ValueError(f"{series}: holds DICOM files ({dicom.name}, ...) and other images "
+                         f"({images[0].relative_to(series)}, ...): a folder with DICOM files is read as one series; "
+                         "move the DICOM files into a folder of their own (or remove them) and predict again")

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import functools
 import gzip
+import hashlib
 import logging
 import math
 import os
@@ -57,7 +58,8 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def read_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine of an image without reading its voxels (cheap), after :func:`check_claimed_size`.
+    """Shape and affine of an image without reading its voxels (cheap), after :func:`check_claimed_size`; a
+    folder is read as a DICOM series (:func:`medseg.data.dicom.read_series_header`).
 
     Returns:
         ``(shape, affine)``; ``affine`` is ``(4, 4)`` (identity for PNG/JPG).
@@ -66,6 +68,10 @@ def read_header(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple
         ImageReadError: missing or unreadable file, or a header whose claimed size cannot be trusted.
     """
     path = Path(path)
+    if path.is_dir():  # a DICOM series folder (medseg.data.dicom)
+        from medseg.data.dicom import read_series_header
+
+        return read_series_header(path, max_voxels)
     if is_nifti(path):
         img = _load_nifti_header(path, max_voxels)
         return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
@@ -170,7 +176,8 @@ def read_image(path: str | Path, dtype: type = np.float32,
     """Read all voxels of one image, once its header passed :func:`check_claimed_size`.
 
     Args:
-        path: a ``.nii``/``.nii.gz``/``.png``/``.jpg`` file.
+        path: a ``.nii``/``.nii.gz``/``.png``/``.jpg`` file, or a DICOM series folder
+            (:func:`medseg.data.dicom.read_series`: ``(X, Y, Z)``, RAS affine).
         dtype: numpy dtype of the returned array.
         max_voxels: the most voxels a header may claim.
 
@@ -183,6 +190,10 @@ def read_image(path: str | Path, dtype: type = np.float32,
             and the reason.
     """
     path = Path(path)
+    if path.is_dir():  # a DICOM series folder (medseg.data.dicom)
+        from medseg.data.dicom import read_series
+
+        return read_series(path, dtype, max_voxels)
     if is_nifti(path):
         img = _load_nifti_header(path, max_voxels)
         try:
@@ -205,6 +216,15 @@ def read_image(path: str | Path, dtype: type = np.float32,
     if not path.is_file():
         raise ImageReadError(path, "file not found")
     raise ImageReadError(path, f"unsupported file type (use {', '.join(NIFTI_SUFFIXES + RASTER_SUFFIXES)})")
+
+
+def sha256_of(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def spacing_from_affine(affine: np.ndarray, spatial_dims: int = 3) -> np.ndarray:

@@ -15,6 +15,7 @@ interpolated. Augmentation lives in :mod:`medseg.data.augment`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from monai import transforms as mt
 
 from medseg.arrays import slabs
+from medseg.data.dicom import DicomSeriesReader
 
 INTENSITY_PRESETS = ("ct", "ct_zscore", "mri", "zscore", "us", "xray", "none")
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
@@ -99,10 +101,13 @@ def preprocess_transforms(
     """
     keys = keys or keys_for(task)
     image_modes = ("bilinear", "nearest")[: len(keys)]
-    out: list[mt.Transform] = [
-        mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True),
-        mt.EnsureTyped(keys=keys, dtype=None, track_meta=True),
-    ]
+    load = mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)
+    # Registered last, so tried first; it claims only DICOM series folders, and files are still matched to
+    # MONAI's readers by their suffix (passing reader= would make MONAI try every reader on every file). Like
+    # theirs, it sets no size limit: the headers were checked against --max-voxels before (check_files, the
+    # data checks).
+    load.register(DicomSeriesReader(max_voxels=sys.maxsize))
+    out: list[mt.Transform] = [load, mt.EnsureTyped(keys=keys, dtype=None, track_meta=True)]
     if spec.orientation:
         out.append(mt.Orientationd(keys=keys, axcodes=spec.orientation[:spatial_dims], labels=_RAS_LABELS))
     if spec.spacing:

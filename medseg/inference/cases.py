@@ -65,4 +65,5 @@ def finish_table(table: RowTable | None, task: str, cases: list[dict[str, Any]],
 def _complete(case: str, options: Any) -> bool:
     files = CaseFiles.of(case, options.output)
     wanted = [files.labels] + [files.probabilities] * options.save_probabilities + [files.entropy] * options.save_uncertainty
+    wanted += [files.dicom_seg] * (getattr(options, "output_format", "nifti") == "dicom-seg")
     return all(path.exists() for path in wanted)

@@ -21,6 +21,7 @@ import torch
 from monai import transforms as mt
 
 from medseg.arrays import slabs
+from medseg.data.dicom import is_dicom_series
 from medseg.data.io import DEFAULT_MAX_VOXELS, is_nifti, read_header
 from medseg.data.transforms import Preprocessing, preprocess_transforms
 from medseg.errors import InputError
@@ -206,7 +207,7 @@ def check_files(model: LoadedModel, files: Sequence[str], max_voxels: int = DEFA
     for file in files:
         shape, file_affine = read_header(file, max_voxels)
         affine = file_affine if affine is None else affine
-        spatial = shape[:3] if is_nifti(file) else shape[:2]
+        spatial = shape[:3] if is_nifti(file) or is_dicom_series(file) else shape[:2]  # a series: (X, Y, Z)
         if len(spatial) != dims:
             raise other_dimensionality(file, len(spatial), dims, f" (shape {tuple(shape)})")
         channels += math.prod(shape[len(spatial):])

@@ -4,6 +4,7 @@ means the case is complete), and tables that grow by one row per finished case.
 Output folder of ``medseg predict``::
 
     <case>.nii.gz                    label map on the input's grid (uint8, or int16 above 255 labels)
+    <case>.seg.dcm                   --output-format dicom-seg: a DICOM SEG referencing the input series
     probabilities/<case>.npz         --save-probabilities: float16 (P, *S), the affine and the channel names
     uncertainty/<case>_entropy.nii.gz, <case>_variance.nii.gz      --save-uncertainty
     uncertainty.csv                  --save-uncertainty: case, doubt, members (sorted by doubt at the end)
@@ -38,15 +39,17 @@ class CaseFiles:
     entropy: Path
     variance: Path
     labels: Path
+    dicom_seg: Path
 
     @classmethod
     def of(cls, case: str, output: Path) -> CaseFiles:
         return cls(output / "probabilities" / f"{case}.npz", output / "uncertainty" / f"{case}_entropy.nii.gz",
-                   output / "uncertainty" / f"{case}_variance.nii.gz", output / f"{case}.nii.gz")
+                   output / "uncertainty" / f"{case}_variance.nii.gz", output / f"{case}.nii.gz",
+                   output / f"{case}.seg.dcm")
 
     def all(self) -> list[Path]:
         """Every file, the label map last."""
-        return [self.probabilities, self.entropy, self.variance, self.labels]
+        return [self.probabilities, self.entropy, self.variance, self.dicom_seg, self.labels]
 
     def remove(self) -> None:
         for path in self.all():

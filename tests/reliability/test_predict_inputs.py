@@ -121,7 +121,7 @@ def test_an_empty_folder_is_an_error(seg3d_checkpoint: Path, tmp_path: Path, med
     (tmp_path / "empty").mkdir()
     result = medseg("predict", "--ckpt", seg3d_checkpoint, "--input", tmp_path / "empty", "--output",
                     tmp_path / "out")
-    assert result.code == 2 and "no .nii/.nii.gz/.png/.jpg images found" in result.refusal("predict")
+    assert result.code == 2 and "no .nii/.nii.gz/.png/.jpg images or DICOM series folders found" in result.refusal("predict")
 
 
 def test_case_ids_cannot_escape_the_output_folder(seg3d_checkpoint: Path, seg3d: Path, tmp_path: Path,
