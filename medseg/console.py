@@ -1,7 +1,7 @@
 """What medseg shows on the terminal: its own log lines, the library noise it hides, the end-of-fit summary and
 the progress of ``cv`` and ``benchmark``.
 
-:func:`install` (called by ``medseg``'s ``main``; call it yourself from Python for the same console) hides four
+:func:`install` (called by ``medseg``'s ``main``; call it yourself from Python for the same console) hides five
 messages that every run printed and that say nothing about the run, each matched by its exact text and origin
 so that every other warning still shows:
 
@@ -15,6 +15,9 @@ so that every other warning still shows:
   ``monai.transforms.spatial.array`` (``Orientation``): undoing the orientation of a 2D image builds the
   axis codes from its 4x4 affine (three codes) and cuts them to the two spatial axes; the "channel-first"
   advice it gives does not apply. The same message for any other D still shows.
+* MONAI's ``NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register`` (``monai.data.image_reader``)
+  and its log record ``nvImageCodec is not available``: with pydicom installed (medseg reads DICOM), every
+  ``LoadImage`` builds MONAI's GPU DICOM reader, which says so each time; medseg reads DICOM with its own reader.
 
 Importing this module imports neither torch nor Lightning: the ``medseg`` command starts fast. The progress of
 ``cv`` and ``benchmark`` is :mod:`medseg.progress`.
@@ -35,11 +38,27 @@ HIDDEN_WARNINGS = (
      r"(pytorch_lightning|lightning\.pytorch)\.utilities\._pytree$"),
     (r"axcodes \(.*\) length is smaller than number of input spatial dimensions D=2\.", UserWarning,
      r"monai\.transforms\.spatial\.array$"),
+    ("NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register", UserWarning,
+     r"monai\.data\.image_reader$"),
 )
+# (logger, message start) of each log record hidden: MONAI builds its GPU DICOM reader for every LoadImage
+# (whenever pydicom is installed) and says, each time, that the GPU decoder is missing.
+HIDDEN_RECORDS = (("monai.data.nvimgcodec_pydicom_plugin", "nvImageCodec is not available"),)
 # Lightning's rank-zero helpers log through whichever of these its packages set last (`rank_zero_module.log`).
 RANK_ZERO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
                      "lightning_fabric.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                      "lightning_utilities.core.rank_zero")
+
+
+class StartsWith(logging.Filter):
+    """Drops the records whose message starts with ``text`` (and nothing else)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.text)
 
 
 class LitLoggerTip(logging.Filter):
@@ -52,13 +71,22 @@ class LitLoggerTip(logging.Filter):
 
 def install() -> None:
     """Hide the messages listed in the module docstring and show medseg's own log lines on stderr. Idempotent."""
+    hide_library_noise()
+    show_medseg_logs()
+
+
+def hide_library_noise() -> None:
+    """Hide only the library messages listed in the module docstring (``medseg.load`` calls this). Idempotent."""
     for message, category, module in HIDDEN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     for name in RANK_ZERO_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, LitLoggerTip) for f in logger.filters):
             logger.addFilter(LitLoggerTip())
-    show_medseg_logs()
+    for name, text in HIDDEN_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, StartsWith) and f.text == text for f in logger.filters):
+            logger.addFilter(StartsWith(text))
 
 
 def show_medseg_logs() -> None:

@@ -40,6 +40,19 @@ def max_voxels_option(parser: argparse.ArgumentParser) -> None:
                              f"small to hold) are refused before any voxel is read (default {DEFAULT_MAX_VOXELS:,})")
 
 
+def prediction_options(parser: argparse.ArgumentParser, ensemble_default: str | None = "mean") -> None:
+    """``--tta``, ``--tta-axes``, ``--ensemble``, ``--postprocess`` and ``--calibration``: how members and flips
+    combine and what follows (``medseg predict`` takes them, ``medseg export`` bakes them into the model)."""
+    parser.add_argument("--tta", action="store_true", help="average over flips along every combination of axes")
+    parser.add_argument("--tta-axes", type=int, nargs="+", default=None, help="flip only these spatial axes")
+    parser.add_argument("--ensemble", choices=("mean", "vote"), default=ensemble_default,
+                        help="how members combine (default mean)")
+    parser.add_argument("--postprocess", default=None, help="post-processing spec: JSON/YAML file or JSON text")
+    parser.add_argument("--calibration", default=None, metavar="FILE",
+                        help="calibration.json of medseg cv: its temperature rescales the probabilities (the labels "
+                             "do not change)")
+
+
 def number(value: object, digits: int = 4) -> str:
     """A metric value for the terminal: ``digits`` decimals below 10 (``0.9123``), two fewer from 10 on
     (``25.82``); text as it is."""

@@ -5,28 +5,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medseg.commands.common import CommandError, doc, max_voxels_option
+from medseg.commands.common import CommandError, doc, max_voxels_option, prediction_options
 
 # medseg.inference.native.NONFINITE_MODES and medseg.inference.pipeline.PRECISIONS, written out so that the
 # parser is built without importing torch (tests/test_console.py checks they agree)
 NONFINITE_MODES = ("fail", "zero")
 PRECISIONS = ("auto", "32", "16", "bf16")
+OUTPUT_FORMATS = ("nifti", "dicom-seg")  # medseg.inference.dicom_seg.OUTPUT_FORMATS
+RUNTIMES = ("auto", "torchscript", "onnx")  # medseg.deploy.artifact.RUNTIMES
+BAKED_IN = ("tta", "tta_axes", "ensemble", "postprocess", "calibration")  # what --model brings with it
 
 
 def parser() -> argparse.ArgumentParser:
     """The options of ``medseg predict``."""
     parser = argparse.ArgumentParser(prog="medseg predict", description=doc("predict"))
-    parser.add_argument("--ckpt", action="append", required=True, help="checkpoint; repeat for an ensemble")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", action="append", help="checkpoint; repeat for an ensemble")
+    source.add_argument("--model", default=None, metavar="DIR",
+                        help="a folder written by medseg export: its networks, TTA, ensemble mode, post-processing "
+                             "and calibration")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                        help="how --model runs its networks: TorchScript or ONNX (CPU); auto = TorchScript when "
+                             "exported")
     parser.add_argument("--input", required=True, help="folder of images, or a dataset.json / CSV")
     parser.add_argument("--output", required=True, help="folder for <case>.nii.gz / predictions.csv")
-    parser.add_argument("--tta", action="store_true", help="average over flips along every combination of axes")
-    parser.add_argument("--tta-axes", type=int, nargs="+", default=None, help="flip only these spatial axes")
-    parser.add_argument("--ensemble", choices=("mean", "vote"), default="mean", help="how members combine")
-    parser.add_argument("--postprocess", default=None, help="post-processing spec: JSON/YAML file or JSON text")
+    prediction_options(parser, ensemble_default=None)
     parser.add_argument("--save-probabilities", action="store_true", help="probabilities/<case>.npz: float16 (K, ...) + affine")
-    parser.add_argument("--calibration", default=None, metavar="FILE",
-                        help="calibration.json of medseg cv: its temperature rescales the probabilities (the labels "
-                             "do not change)")
     parser.add_argument("--save-uncertainty", action="store_true", help="entropy (+ member variance) maps")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda[:N]")
     parser.add_argument("--devices", type=int, default=1, help="worker processes, one per GPU (cuda:0..N-1)")
@@ -37,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--nonfinite", choices=NONFINITE_MODES, default="fail",
                         help="NaN/Inf input voxels: fail the case, naming the file and the count (default), or "
                              "predict them as 0")
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="nifti",
+                        help="dicom-seg: also <case>.seg.dcm, a DICOM SEG referencing the input series (the input "
+                             "must be DICOM series folders)")
     max_voxels_option(parser)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--overwrite", action="store_true", help="redo cases whose outputs exist")
@@ -50,14 +57,37 @@ def run(argv: list[str]) -> int:
     args = options_parser.parse_args(argv)
     if args.tta_axes is not None and not args.tta:
         options_parser.error("--tta-axes needs --tta")
+    if args.runtime != "auto" and not args.model:
+        options_parser.error("--runtime applies to --model (checkpoints run in torch)")
+    if args.ckpt:
+        from medseg.deploy.artifact import is_model_folder
+
+        folders = [path for path in args.ckpt if is_model_folder(path)]
+        if folders:
+            raise CommandError(f"{folders[0]}: an exported model folder, not a checkpoint; predict with --model "
+                               f"{folders[0]} (it brings its own TTA, ensemble and post-processing)")
+    if args.model:
+        given = [f"--{name.replace('_', '-')}" for name in BAKED_IN if getattr(args, name) not in (None, False)]
+        if given:
+            raise CommandError(f"{args.model}: an exported model carries its own TTA, ensemble mode, post-processing "
+                               f"and calibration (see its medseg_model.json); drop {', '.join(given)}, or export "
+                               "again with them")
     from medseg.data.discovery import parse_shard
 
     try:
         shard = parse_shard(args.shard) if args.shard is not None else None
     except ValueError as err:
         raise CommandError(str(err)) from err
-    steps = None
-    if args.postprocess:
+    steps, temperature, baked = None, None, {}
+    if args.model:
+        from medseg.deploy.artifact import prediction_options, read_spec
+
+        try:
+            baked = prediction_options(read_spec(args.model))
+        except ValueError as err:
+            raise CommandError(str(err)) from err
+        steps, temperature = baked.pop("postprocess"), baked.pop("temperature")
+    elif args.postprocess:
         from medseg.inference.postprocess import load_postprocessing
 
         try:
@@ -67,13 +97,16 @@ def run(argv: list[str]) -> int:
     from medseg.inference.batch import PredictOptions, predict_batch
 
     options = PredictOptions(
-        output=Path(args.output), tta=args.tta, tta_axes=args.tta_axes, ensemble=args.ensemble, postprocess=steps,
+        output=Path(args.output), tta=baked.get("tta", args.tta), tta_axes=baked.get("tta_axes", args.tta_axes),
+        ensemble=baked.get("ensemble", args.ensemble or "mean"), postprocess=steps, temperature=temperature,
+        runtime=args.runtime,
         save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty, device=args.device,
         precision=args.precision, overwrite=args.overwrite, resume=args.resume, shard=shard,
         nonfinite=args.nonfinite, max_voxels=args.max_voxels, calibration=args.calibration,
+        output_format=args.output_format,
     )
     try:
-        report = predict_batch(args.ckpt, args.input, options, devices=args.devices)
+        report = predict_batch([args.model] if args.model else args.ckpt, args.input, options, devices=args.devices)
     except ValueError as err:  # bad checkpoint, mismatched ensemble, bad TTA axes, colliding case ids
         raise CommandError(str(err)) from err
     print(f"predicted {len(report.done)} case(s), skipped {len(report.skipped)}, failed {len(report.failed)}")

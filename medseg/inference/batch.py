@@ -15,7 +15,6 @@ A case that cannot be processed is reported with its file and reason and the oth
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -33,8 +32,9 @@ from medseg.data.discovery import find_cases, shard_cases
 from medseg.data.io import DEFAULT_MAX_VOXELS, ImageReadError, spacing_from_affine
 from medseg.errors import InputError
 from medseg.inference.cases import case_table, finish_table, pending_cases
+from medseg.inference.dicom_seg import OUTPUT_FORMATS, check_seg_source, write_dicom_seg
 from medseg.inference.ensemble import combine
-from medseg.inference.native import NONFINITE_MODES, LoadedModel, flip_sets, load_model
+from medseg.inference.native import NONFINITE_MODES, LoadedModel, flip_sets
 from medseg.inference.output_folder import OutputFolder, checkpoint_facts
 from medseg.inference.pipeline import (
     PRECISIONS,
@@ -45,6 +45,7 @@ from medseg.inference.pipeline import (
     segment,
     window_dtype,
 )
+from medseg.inference.sources import check_compatible, checked_temperature, load_sources, runtime_of
 from medseg.inference.writers import CaseFiles, RowTable, write_case_maps
 
 
@@ -58,7 +59,12 @@ class PredictOptions:
     voxels fails, naming the file and the count) or ``zero`` (they are predicted as 0); ``max_voxels`` bounds
     what an input header may claim; ``mix_models`` lets runs of different models share the output folder on
     disjoint cases (cross-validation's out-of-fold predictions; see :mod:`medseg.inference.output_folder`);
-    ``calibration`` is a ``calibration.json`` (from ``medseg cv``) whose temperature rescales the probabilities.
+    ``calibration`` is a ``calibration.json`` (from ``medseg cv``) whose temperature rescales the probabilities;
+    ``temperature`` is that temperature given directly (an exported model's); ``runtime`` is how an exported
+    model folder runs its networks (``auto``, ``torchscript`` or ``onnx``; checkpoints always run in torch);
+    ``output_format`` ``dicom-seg`` also writes ``<case>.seg.dcm``, a DICOM SEG referencing the case's input
+    series (:mod:`medseg.inference.dicom_seg`; a case whose input is not a DICOM series then fails, and a
+    classifier is refused before any case).
     """
 
     output: Path
@@ -77,6 +83,13 @@ class PredictOptions:
     max_voxels: int = DEFAULT_MAX_VOXELS
     mix_models: bool = False
     calibration: str | None = None
+    temperature: float | None = None
+    runtime: str = "auto"
+    output_format: str = "nifti"
+
+    def __post_init__(self) -> None:
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output_format must be one of {list(OUTPUT_FORMATS)}, got {self.output_format!r}")
 
 
 @dataclass
@@ -112,22 +125,29 @@ def predict_batch(
         ValueError / FileNotFoundError / FileExistsError: before any case starts, for unloadable or mismatched
             checkpoints, bad options, colliding case ids, or outputs that exist without overwrite/resume.
     """
-    models = [load_model(path) for path in checkpoints]  # on the CPU: checked once, before any case
-    _check_compatible(models, checkpoints)
+    models = load_sources(checkpoints, options.runtime)  # on the CPU: checked once, before any case
+    check_compatible(models, checkpoints)
     _flips(models[0], options)
+    if options.output_format == "dicom-seg" and models[0].task != "segmentation":
+        raise ValueError(f"--output-format dicom-seg: a DICOM SEG holds segments, and {checkpoints[0]} is a "
+                         f"{models[0].task} model; use --output-format nifti")
     if options.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {options.precision!r}")
     if options.nonfinite not in NONFINITE_MODES:
         raise ValueError(f"nonfinite must be one of {list(NONFINITE_MODES)}, got {options.nonfinite!r}")
+    runtime = runtime_of(models, checkpoints)
+    if runtime == "onnx" and options.precision in ("16", "bf16"):
+        raise ValueError(f"--precision {options.precision}: onnxruntime runs the ONNX networks in float32; use "
+                         "--precision 32 (or auto), or --runtime torchscript")
     options = replace(options, device=resolve_device(options.device))
-    temperature = _temperature(options.calibration, models[0])
+    temperature = _temperature(options, models[0])
     if cases is None:
         cases = find_cases(source, models[0].hparams["in_channels"], exclude=options.output)
     if options.shard is not None:
         cases = shard_cases(cases, *options.shard)
     # What the windows really run at ("auto" differs between a GPU and the CPU) is what a prediction depends on.
-    recorded = {**asdict(options), "precision_option": options.precision,
-                "calibration": temperature if options.calibration else None,
+    recorded = {**asdict(options), "precision_option": options.precision, "runtime": runtime,
+                "calibration": temperature if options.calibration or options.temperature is not None else None,
                 "precision": [str(window_dtype(options.precision, options.device, m.precision) or torch.float32)
                               for m in models]}
     folder = OutputFolder(options.output, checkpoint_facts(checkpoints), recorded,
@@ -202,9 +222,12 @@ def _device_of(device: str, rank: int) -> str:
 def _run_worker(checkpoints: list[str], cases: list[dict[str, Any]], options: PredictOptions, rank: int,
                 workers: int) -> _Outcome:
     """One worker process of ``--devices N``: its own models, its share of the threads, its shard."""
+    from medseg.console import hide_library_noise
+
+    hide_library_noise()  # a spawned process starts with Python's warning filters
     if not options.device.startswith("cuda"):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    models = [load_model(path) for path in checkpoints]
+    models = load_sources(checkpoints, options.runtime)
     return _run_cases(models, cases, options, case_table(models[0].task, options), position=rank)
 
 
@@ -259,7 +282,9 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
     """Predict one prepared case; returns the job that writes its outputs."""
     flips = _flips(first, options)
     case = prepared.case
-    temperature = _temperature(options.calibration, first)
+    seg_source = check_seg_source(case["image"], first.task, options.max_voxels) \
+        if options.output_format == "dicom-seg" else None
+    temperature = _temperature(options, first)
     if first.task != "segmentation":
         members = classify(prepared, groups, flips, options.device, options.precision)
         probabilities, label = combine([m.reshape(-1, 1) for m in members], options.ensemble)
@@ -289,33 +314,20 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
                                                options.postprocess)
         if table is not None:  # the row before the label map: a case with a label map always has its row
             table.append({"case": case["id"], "doubt": maps.doubt, "members": maps.members})
-        write_case_maps(CaseFiles.of(case["id"], options.output), maps, affine, names, first.outputs.regions)
+        files = CaseFiles.of(case["id"], options.output)
+        if seg_source is not None:  # before the label map, whose presence marks the case complete
+            write_dicom_seg(maps.labels, seg_source, first.outputs.structures, files.dicom_seg, first.outputs.regions,
+                            options.max_voxels)
+        write_case_maps(files, maps, affine, names, first.outputs.regions)
 
     return write
 
 
-@functools.lru_cache(maxsize=8)
-def _temperature_of(calibration: str, task: str, activation: str, stamp: int) -> float:
-    """The temperature of a ``calibration.json`` fitted for this task and activation (read once per file and
-    modification time ``stamp``)."""
-    from medseg.metrics.temperature import load_calibration
-
-    fitted = load_calibration(calibration)
-    if fitted.get("task", task) != task:
-        raise ValueError(f"{calibration}: fitted for a {fitted['task']} model, but this one is a {task} model")
-    if fitted["activation"] != activation:
-        raise ValueError(f"{calibration}: fitted on {fitted['activation']} outputs, but this model's are {activation}")
-    return float(fitted["temperature"])
-
-
-def _temperature(calibration: str | None, first: LoadedModel) -> float:
-    """The temperature of a ``calibration.json`` (1 without one), refused when it was fitted for another task or
-    another kind of output than this model's (softmax or sigmoid)."""
-    if calibration is None:
-        return 1.0
-    activation = first.outputs.activation if first.task == "segmentation" else "softmax"
-    stamp = Path(calibration).stat().st_mtime_ns if Path(calibration).is_file() else 0
-    return _temperature_of(str(calibration), first.task, activation, stamp)
+def _temperature(options: PredictOptions, first: LoadedModel) -> float:
+    """The run's temperature: given directly (an exported model's), or of ``--calibration``, or 1."""
+    if options.temperature is not None:
+        return float(options.temperature)
+    return checked_temperature(options.calibration, first) if options.calibration else 1.0
 
 
 def background_stages(device: str) -> bool:
@@ -325,7 +337,8 @@ def background_stages(device: str) -> bool:
 
 class _InTurn:
     """Stands in for a one-thread pool when the stages run in turn: a deferred job (reading the next case) runs
-    when its result is asked for, any other (writing) at once."""
+    when its result is asked for, any other (writing) at once. Either way a failure stays in the future, as a
+    thread pool keeps it, and fails only its own case."""
 
     def __init__(self, deferred: bool) -> None:
         self.deferred = deferred
@@ -339,7 +352,7 @@ class _InTurn:
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         future = _Later(fn, args)
         if not self.deferred:
-            future.result()
+            future.run()
         return future
 
 
@@ -350,7 +363,8 @@ class _Later(Future):
         super().__init__()
         self._call: tuple[Callable[..., Any], tuple[Any, ...]] | None = (fn, args)
 
-    def result(self, timeout: float | None = None) -> Any:
+    def run(self) -> None:
+        """Compute the result now (once), keeping a failure for whoever asks for the result."""
         if self._call is not None:
             fn, args = self._call
             self._call = None
@@ -358,6 +372,9 @@ class _Later(Future):
                 self.set_result(fn(*args))
             except Exception as err:  # kept for the caller, as a thread pool keeps it
                 self.set_exception(err)
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.run()
         return super().result(timeout)
 
 
@@ -389,21 +406,3 @@ def _fail(case: dict[str, Any], err: BaseException, options: PredictOptions, out
 
 def _flips(model: LoadedModel, options: PredictOptions) -> list[tuple[int, ...]]:
     return flip_sets(model.hparams["spatial_dims"], options.tta_axes) if options.tta else [()]
-
-
-def _check_compatible(models: list[LoadedModel], paths: list[str | Path]) -> None:
-    first = models[0]
-    for model, path in zip(models[1:], paths[1:], strict=True):
-        for key in ("num_classes", "in_channels", "spatial_dims"):
-            if model.hparams[key] != first.hparams[key]:
-                raise ValueError(f"{path}: {key} {model.hparams[key]} differs from {paths[0]} ({first.hparams[key]})")
-        if model.task != first.task:
-            raise ValueError(f"{path}: a {model.task} model cannot join a {first.task} ensemble")
-        if model.task == "segmentation" and model.outputs != first.outputs:
-            raise ValueError(f"{path}: its outputs ({_describe(model)}) differ from {paths[0]} ({_describe(first)})")
-
-
-def _describe(model: LoadedModel) -> str:
-    outputs = model.outputs
-    kind = f"regions {list(map(list, outputs.regions))}" if outputs.regions else "classes"
-    return f"{outputs.activation} {kind} {list(outputs.names)}"

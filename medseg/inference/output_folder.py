@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medseg.data.io import atomic_path, flocked
+from medseg.data.io import atomic_path, flocked, sha256_of
 from medseg.errors import ConfigError
 
 try:
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - not POSIX: no locks, run.json still gu
 
 RUN_FILE = "run.json"
 LOCK_PREFIX = ".medseg-predict"
-IDENTITY_OPTIONS = ("tta", "tta_axes", "ensemble", "precision", "postprocess", "calibration")
+IDENTITY_OPTIONS = ("tta", "tta_axes", "ensemble", "precision", "postprocess", "calibration", "runtime")
 """Options that change a case's prediction: runs that differ in them do not share a folder."""
 RECORDED_OPTIONS = (*IDENTITY_OPTIONS, "precision_option", "nonfinite", "save_probabilities", "save_uncertainty")
 _TEMPORARY = re.compile(r"^\.(?P<final>.+)\.[a-z0-9_]{8}(?P<suffix>\.nii\.gz|\.[A-Za-z0-9]+)$")
@@ -49,14 +49,12 @@ logger = logging.getLogger("medseg")
 
 
 def checkpoint_facts(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Path, size and SHA-256 of each checkpoint (what identifies a model, whatever its file is called)."""
+    """Path, size and SHA-256 of each checkpoint (what identifies a model, whatever its file is called); an
+    exported model folder is identified by its spec file, which holds the checksum of every file it has."""
     facts = []
     for path in paths:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        facts.append({"path": str(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()})
+        identity = Path(path) / "medseg_model.json" if Path(path).is_dir() else Path(path)
+        facts.append({"path": str(path), "bytes": os.path.getsize(identity), "sha256": sha256_of(identity)})
     return facts
 
 

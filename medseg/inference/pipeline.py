@@ -172,14 +172,14 @@ def segment(
         if all(later.key != group.key for later in groups[index + 1:]):
             x = prepared.inputs[group.key] = _record_only(x)  # the voxels are no longer needed: free them
         spare = stitched.numpy() if stitched.is_contiguous() else None  # may become the accumulator
-        coverage = _coverage(stitched.shape[1:], x, group) if _may_leave_gaps(first) else None
+        coverage = _coverage(stitched.shape[1:], x, group) if may_leave_gaps(first) else None
         channel = functools.partial(_invert_from, stitched, x, group.preprocess)
         accumulator.add_group(channel, predictor.members, spare, coverage)
         del stitched, spare, coverage, channel
     return accumulator.finish(probabilities=probabilities, uncertainty=uncertainty, temperature=temperature)
 
 
-def _may_leave_gaps(model: LoadedModel) -> bool:
+def may_leave_gaps(model: LoadedModel) -> bool:
     """Whether the preprocessed grid may not cover every input voxel (a foreground crop, or resampling)."""
     spec = Preprocessing.from_dict(model.hparams.get("preprocessing_spec"))
     return bool(spec.crop_foreground or spec.spacing)
