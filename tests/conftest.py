@@ -101,3 +101,48 @@ def cls2d_checkpoint(cls2d_root: Path, tmp_path_factory: pytest.TempPathFactory)
     return _one_epoch_checkpoint("cls2d_resnet18.yaml", cls2d_root, tmp_path_factory.mktemp("ckptcls"),
                                  "--model.init_args.network", "cnn3d", "--data.patch_size", "[32, 32]",
                                  "--model.init_args.network_args", '{"channels": [4, 8]}')
+
+
+@pytest.fixture(scope="session")
+def seg2d_checkpoint(seg2d_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2D U-Net (3 classes) after one step, on 32x32 windows (the 48x48 images take several)."""
+    return _one_epoch_checkpoint("seg2d_unet.yaml", seg2d_root, tmp_path_factory.mktemp("ckpt2d"),
+                                 "--data.patch_size", "[32, 32]",
+                                 "--model.init_args.network_args", '{"channels": [4, 8, 16]}')
+
+
+def perturbed_checkpoint(checkpoint: Path, out: Path, scale: float = 0.05, seed: int = 0) -> Path:
+    """A copy of ``checkpoint`` whose network weights carry seeded noise: a second, different ensemble member."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    generator = torch.Generator().manual_seed(seed)
+    for key, value in state["state_dict"].items():
+        if key.startswith("net.") and value.is_floating_point():
+            value.add_(scale * torch.randn(value.shape, generator=generator))
+    torch.save(state, out)
+    return out
+
+
+SEG2D_CV_OVERRIDES = [
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu",
+    "--trainer.enable_progress_bar", "false", "--data.patch_size", "[32, 32]",
+    "--model.init_args.network_args", '{"channels": [4, 8, 16]}',
+]
+
+
+def seg2d_cv_args(root: Path, output: Path, *extra: str) -> list[str]:
+    """``medseg cv`` of a tiny 2D U-Net, 2 folds of one 2-step epoch: the arguments of ``seg2d_cv``'s run, so a
+    rerun on a copy of it finds its folds done."""
+    config = Path(__file__).parents[1] / "configs" / "seg2d_unet.yaml"
+    return ["cv", "--config", str(config), "--folds", "2", "--data.root", str(root), *SEG2D_CV_OVERRIDES,
+            "--output", str(output), *extra]
+
+
+@pytest.fixture(scope="session")
+def seg2d_cv(seg2d_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished ``medseg cv`` (``seg2d_cv_args``) on ``seg2d_root``, shared: read it, or change a copy
+    (``shutil.copytree``; its fold records keep pointing at these checkpoints)."""
+    from medseg.cli import main
+
+    out = tmp_path_factory.mktemp("seg2d_cv") / "cv"
+    assert main(seg2d_cv_args(seg2d_root, out)) == 0
+    return out

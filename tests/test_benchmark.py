@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,26 @@ FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--tr
         "--trainer.enable_progress_bar", "false", "--data.patch_size", "[32, 32]"]
 
 
-def test_segmentation_benchmark_report(seg2d_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bench"
-    code = main(["benchmark", "--configs", str(CONFIGS / "seg2d_unet.yaml"), str(CONFIGS / "seg2d_attention_unet.yaml"),
-                 "--folds", "2", "--output", str(out), "--data.root", str(seg2d_root),
-                 "--model.init_args.network_args", '{"channels": [4, 8, 16]}', *FAST])
-    assert code == 0
+MODELS = ["seg2d_unet", "seg2d_attention_unet"]
+
+
+@pytest.fixture(scope="module")
+def two_datasets(seg2d_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``medseg benchmark --datasets`` of two 2D U-Nets (2 folds each) on alpha, a copy of ``seg2d_root`` (12 cases,
+    3 classes), and beta (6 cases, 2 classes). Each dataset's folder is a normal single-dataset benchmark: the
+    report test reads alpha's."""
+    base = tmp_path_factory.mktemp("two_datasets")
+    shutil.copytree(seg2d_root, base / "alpha")
+    make_synthetic(base / "beta", dims=2, cases=6, classes=2, task="seg", size=(32, 32), seed=8)
+    out = base / "bench"
+    assert main(["benchmark", "--configs", *(str(CONFIGS / f"{m}.yaml") for m in MODELS), "--folds", "2",
+                 "--output", str(out), "--datasets", str(base / "alpha"), str(base / "beta" / "dataset.json"),
+                 "--model.init_args.network_args", '{"channels": [4, 8, 16]}', *FAST]) == 0
+    return out
+
+
+def test_segmentation_benchmark_report(two_datasets: Path) -> None:
+    out = two_datasets / "alpha"  # the benchmark of seg2d_root's cases
     shared = json.loads((out / "splits.json").read_text())
     for model in ("seg2d_unet", "seg2d_attention_unet"):
         assert json.loads((out / model / "splits.json").read_text()) == shared  # the same folds for every model
@@ -209,15 +224,8 @@ def test_dataset_names_from_folders_and_files(tmp_path: Path) -> None:
         dataset_names([tmp_path / "liver", tmp_path / "liver" / "dataset.json"])
 
 
-def test_benchmark_across_datasets(tmp_path: Path) -> None:
-    make_synthetic(tmp_path / "alpha", dims=2, cases=6, classes=2, task="seg", size=(32, 32), seed=7)
-    make_synthetic(tmp_path / "beta", dims=2, cases=6, classes=2, task="seg", size=(32, 32), seed=8)
-    out = tmp_path / "bench"
-    models = ["seg2d_unet", "seg2d_attention_unet"]
-    code = main(["benchmark", "--configs", *(str(CONFIGS / f"{m}.yaml") for m in models), "--folds", "2",
-                 "--output", str(out), "--datasets", str(tmp_path / "alpha"), str(tmp_path / "beta" / "dataset.json"),
-                 "--model.init_args.network_args", '{"channels": [4, 8]}', *FAST])
-    assert code == 0
+def test_benchmark_across_datasets(two_datasets: Path) -> None:
+    out, models = two_datasets, MODELS
     for dataset in ("alpha", "beta"):  # each a normal single-dataset benchmark folder
         assert all((out / dataset / f).is_file() for f in ("splits.json", "results.csv", "report.html"))
     with (out / "results_by_dataset.csv").open() as handle:

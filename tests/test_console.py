@@ -10,7 +10,9 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +30,53 @@ NOISE = {
     "torch _pytree LeafSpec deprecation": "LeafSpec",
     "MONAI 2D orientation warning": "length is smaller than number of input spatial dimensions",
 }
+
+
+FIT_AND_PREDICT_TEST = "test_fit_and_predict_2d_show_no_noise_but_real_warnings_and_end_with_a_summary"
+DRIVER = """
+import sys, warnings
+from pathlib import Path
+from medseg.data.datamodule import MedSegDataModule
+
+setup = MedSegDataModule.setup
+
+def warning_setup(self, *args, **kwargs):
+    warnings.warn("a real warning the user must see", UserWarning)
+    return setup(self, *args, **kwargs)
+
+MedSegDataModule.setup = warning_setup
+from medseg.cli import main
+
+assert main() == 0  # sys.argv: the fit command line, as LightningCLI sees it from a console script
+root, out = sys.argv[sys.argv.index("--data.root") + 1], sys.argv[sys.argv.index("--trainer.default_root_dir") + 1]
+last = next(Path(out).rglob("last.ckpt"))
+sys.exit(main(["predict", "--ckpt", str(last), "--input", root + "/imagesTr", "--output", out + "/pred"]))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fit_and_predict_2d(request: pytest.FixtureRequest, seg2d_root: Path,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """``medseg fit`` then ``medseg predict`` in a fresh process, with a real warning raised in the data module's
+    setup. It starts with this module's first test and runs beside the others (it waits for its own Python to
+    import torch and Lightning most of its time); its test, the module's last, waits for it."""
+    if not any(item.name == FIT_AND_PREDICT_TEST for item in request.session.items):
+        yield {}
+        return
+    folder = tmp_path_factory.mktemp("fit_and_predict")
+    (folder / "driver.py").write_text(DRIVER)
+    stdout, stderr = (folder / "stdout.txt").open("w"), (folder / "stderr.txt").open("w")
+    process = subprocess.Popen(
+        [sys.executable, str(folder / "driver.py"), "fit", "--config", str(CONFIGS / "seg2d_unet.yaml"),
+         "--data.root", str(seg2d_root), "--trainer.default_root_dir", str(folder / "runs"), *TINY],
+        stdout=stdout, stderr=stderr, text=True, cwd=folder,
+    )
+    yield {"process": process, "folder": folder}
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    stdout.close()
+    stderr.close()
 
 
 def _python(code: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -137,48 +186,6 @@ def test_the_litlogger_tip_is_dropped_and_other_rank_zero_logs_kept() -> None:
     assert records == ["GPU available: False, used: False"] * 2
 
 
-def test_fit_and_predict_2d_show_no_noise_but_real_warnings_and_end_with_a_summary(seg2d_root: Path,
-                                                                                   tmp_path: Path) -> None:
-    driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent("""
-        import sys, warnings
-        from pathlib import Path
-        from medseg.data.datamodule import MedSegDataModule
-
-        setup = MedSegDataModule.setup
-
-        def warning_setup(self, *args, **kwargs):
-            warnings.warn("a real warning the user must see", UserWarning)
-            return setup(self, *args, **kwargs)
-
-        MedSegDataModule.setup = warning_setup
-        from medseg.cli import main
-
-        assert main() == 0  # sys.argv: the fit command line, as LightningCLI sees it from a console script
-        root, out = sys.argv[sys.argv.index("--data.root") + 1], sys.argv[sys.argv.index("--trainer.default_root_dir") + 1]
-        last = next(Path(out).rglob("last.ckpt"))
-        sys.exit(main(["predict", "--ckpt", str(last), "--input", root + "/imagesTr", "--output", out + "/pred"]))
-    """))
-    result = subprocess.run(
-        [sys.executable, str(driver), "fit", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--data.root",
-         str(seg2d_root), "--trainer.default_root_dir", str(tmp_path / "runs"), *TINY],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    for noise, text in NOISE.items():
-        assert text not in output, f"{noise} is shown:\n{output[-3000:]}"
-    assert "UserWarning: a real warning the user must see" in result.stderr
-    assert "predicted 12 case(s)" in result.stdout
-    run = tmp_path / "runs" / "seg2d_unet" / "version_0"
-    lines = result.stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("medseg fit: done in "))
-    assert lines[start].endswith(f"; run folder {run}")
-    best = run / "checkpoints" / "best-epoch000.ckpt"
-    assert lines[start + 1].startswith("  best val/dice 0.") and lines[start + 1].endswith(f" at epoch 0: {best}")
-    assert lines[start + 2] == f"  last checkpoint: {run / 'checkpoints' / 'last.ckpt'}"
-
-
 def test_cv_shows_model_fold_epoch_and_time_left_then_the_pooled_table(seg2d_root: Path, tmp_path: Path,
                                                                       capsys, monkeypatch) -> None:
     from medseg import progress
@@ -235,3 +242,24 @@ def test_benchmark_table_is_models_by_metrics_with_the_best_marked() -> None:
     assert results_table(rows).splitlines()[1:] == ["  model            dice         hd95",
                                                     "  a      0.912 ± 0.031*  26.0 ± 2.5",
                                                     "  b      0.800 ± 0.100   20.0 ± 1.0*"]
+
+
+def test_fit_and_predict_2d_show_no_noise_but_real_warnings_and_end_with_a_summary(
+    fit_and_predict_2d: dict[str, Any]
+) -> None:
+    process, folder = fit_and_predict_2d["process"], fit_and_predict_2d["folder"]
+    returncode = process.wait(timeout=600)
+    stdout, stderr = ((folder / name).read_text() for name in ("stdout.txt", "stderr.txt"))
+    output = stdout + stderr
+    assert returncode == 0, output[-3000:]
+    for noise, text in NOISE.items():
+        assert text not in output, f"{noise} is shown:\n{output[-3000:]}"
+    assert "UserWarning: a real warning the user must see" in stderr
+    assert "predicted 12 case(s)" in stdout
+    run = folder / "runs" / "seg2d_unet" / "version_0"
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("medseg fit: done in "))
+    assert lines[start].endswith(f"; run folder {run}")
+    best = run / "checkpoints" / "best-epoch000.ckpt"
+    assert lines[start + 1].startswith("  best val/dice 0.") and lines[start + 1].endswith(f" at epoch 0: {best}")
+    assert lines[start + 2] == f"  last checkpoint: {run / 'checkpoints' / 'last.ckpt'}"

@@ -11,17 +11,15 @@ import numpy as np
 from medseg.cli import main
 from medseg.data.datalist import load_dataset
 from medseg.metrics.temperature import apply_temperature
+from tests.conftest import seg2d_cv_args
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false"]
 
 
-def test_segmentation_cv_end_to_end_and_reproducible(seg2d_root: Path, tmp_path: Path) -> None:
-    args = ["cv", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--folds", "2", "--data.root", str(seg2d_root),
-            "--data.patch_size", "[32, 32]", "--model.init_args.network_args", '{"channels": [4, 8, 16]}', *FAST]
-    assert main([*args, "--output", str(tmp_path / "a")]) == 0
-    out = tmp_path / "a"
+def test_segmentation_cv_end_to_end_and_reproducible(seg2d_cv: Path, seg2d_root: Path, tmp_path: Path) -> None:
+    out = seg2d_cv  # `medseg cv` of seg2d_cv_args, run once for the session
     splits = json.loads((out / "splits.json").read_text())
     ids = sorted(c["id"] for c in load_dataset(seg2d_root).training)
     assert sorted(splits[0]["val"] + splits[1]["val"]) == ids  # every case held out once
@@ -35,14 +33,14 @@ def test_segmentation_cv_end_to_end_and_reproducible(seg2d_root: Path, tmp_path:
     cv = json.loads((out / "cv.json").read_text())
     assert set(cv["checkpoints"]) == {"0", "1"} and "dice" in cv["metrics"]
     # Same seed, a fresh folder: identical splits and identical metrics on the CPU.
-    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    assert main(seg2d_cv_args(seg2d_root, tmp_path / "b")) == 0
     assert json.loads((tmp_path / "b" / "splits.json").read_text()) == splits
     again = json.loads((tmp_path / "b" / "cv.json").read_text())["metrics"]
     assert again == cv["metrics"]
 
 
 def test_classification_cv_and_fold_out_of_range(cls2d_root: Path, tmp_path: Path, capsys) -> None:
-    args = ["cv", "--config", str(CONFIGS / "cls2d_resnet18.yaml"), "--folds", "3", "--strategy", "stratified",
+    args = ["cv", "--config", str(CONFIGS / "cls2d_resnet18.yaml"), "--folds", "2", "--strategy", "stratified",
             "--data.root", str(cls2d_root), "--data.patch_size", "[32, 32]",
             "--model.init_args.network", "cnn3d", "--model.init_args.network_args", '{"channels": [4, 8]}', *FAST]
     assert main([*args, "--output", str(tmp_path / "c")]) == 0
@@ -73,7 +71,7 @@ def test_classification_cv_and_fold_out_of_range(cls2d_root: Path, tmp_path: Pat
     assert main([*args, "--output", str(tmp_path / "c")]) == 0
     with (tmp_path / "c" / "predictions" / "predictions.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == len(load_dataset(cls2d_root).training)
-    assert main([*args, "--output", str(tmp_path / "c"), "--fold", "3"]) == 2
+    assert main([*args, "--output", str(tmp_path / "c"), "--fold", "2"]) == 2  # folds 0 and 1
     assert "out of range" in capsys.readouterr().err
 
 
@@ -99,17 +97,5 @@ def test_cv_refuses_a_multi_process_trainer_before_training(seg2d_root: Path, tm
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def test_held_out_cases_are_predicted_on_the_device_the_fold_trained_on(seg2d_root: Path, tmp_path: Path,
-                                                                         monkeypatch) -> None:
-    from medseg.evaluation import crossval
-
-    seen = []
-    real = crossval.predict_batch
-    monkeypatch.setattr(crossval, "predict_batch", lambda *a, **k: seen.append(a[2].device) or real(*a, **k))
-    args = ["cv", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--folds", "2", "--fold", "0", "--data.root",
-            str(seg2d_root), "--data.patch_size", "[32, 32]", "--model.init_args.network_args",
-            '{"channels": [4, 8, 16]}', *FAST, "--output", str(tmp_path / "d")]
-    assert main(args) == 0
-    assert seen == ["cpu"]  # the trainer's device (`--trainer.accelerator cpu`), not a default
-    assert json.loads((tmp_path / "d" / "fold_0" / "fold.json").read_text())["device"] == "cpu"
-    assert not (tmp_path / "d" / "cv.json").exists()  # one fold: no pooled result yet
+# The held-out cases are predicted on the device the fold trained on: checked in test_cv_files.py
+# (test_folds_run_apart_are_collected_without_training_or_predicting_again), on its folds run one by one.

@@ -12,11 +12,9 @@ import yaml
 from medseg import training
 from medseg.cli import main
 from medseg.evaluation.crossval import dataset_of
+from tests.conftest import seg2d_cv_args
 
 CONFIGS = Path(__file__).parents[1] / "configs"
-FAST = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--data.patch_size", "[32, 32]",
-        "--model.init_args.network_args", '{"channels": [4, 8, 16]}']
 
 
 @pytest.fixture
@@ -34,20 +32,26 @@ def count_fits(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 
 def _cv(root: Path, out: Path, *extra: str) -> int:
-    return main(["cv", "--config", str(CONFIGS / "seg2d_unet.yaml"), "--folds", "2", "--data.root", str(root),
-                 *FAST, "--output", str(out), *extra])
+    return main(seg2d_cv_args(root, out, *extra))
 
 
 def test_folds_run_apart_are_collected_without_training_or_predicting_again(
     seg2d_root: Path, tmp_path: Path, count_fits: list[list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from medseg.evaluation import crossval
+
+    devices = []
+    real = crossval.predict_batch
+    monkeypatch.setattr(crossval, "predict_batch", lambda *a, **k: devices.append(a[2].device) or real(*a, **k))
     out = tmp_path / "cv"
     assert _cv(seg2d_root, out, "--fold", "0") == 0
     assert _cv(seg2d_root, out, "--fold", "1") == 0
-    assert len(count_fits) == 2 and not (out / "cv.json").exists()
+    assert len(count_fits) == 2 and not (out / "cv.json").exists()  # one fold at a time: no pooled result
     records = [json.loads((out / f"fold_{k}" / "fold.json").read_text()) for k in (0, 1)]
     assert all(r["predicted"] for r in records)
-    from medseg.evaluation import crossval
+    # Each fold's held-out cases are predicted on the device it trained on (`--trainer.accelerator cpu`), not a
+    # default.
+    assert devices == ["cpu", "cpu"] and [r["device"] for r in records] == ["cpu", "cpu"]
 
     monkeypatch.setattr(crossval, "predict_batch", lambda *a, **k: pytest.fail("predicted again"))
     assert _cv(seg2d_root, out) == 0  # collects: the pooled evaluation, post-processing, calibration
@@ -59,16 +63,17 @@ def test_folds_run_apart_are_collected_without_training_or_predicting_again(
 
 
 def test_a_cv_predicted_without_probabilities_is_collected_without_a_temperature(
-    seg2d_root: Path, tmp_path: Path, capsys
+    seg2d_cv: Path, seg2d_root: Path, tmp_path: Path, count_fits: list[list[str]], capsys
 ) -> None:
     import shutil
 
-    out = tmp_path / "cv"
-    assert _cv(seg2d_root, out) == 0
+    out = Path(shutil.copytree(seg2d_cv, tmp_path / "cv"))  # a finished cv, with calibration.json
+    assert (out / "calibration.json").is_file()
     shutil.rmtree(out / "predictions" / "probabilities")  # as a cv made before probabilities were saved
     assert _cv(seg2d_root, out) == 0
     assert "no calibration.json fitted" in capsys.readouterr().err
     assert not (out / "calibration.json").exists() and (out / "cv.json").is_file()
+    assert count_fits == []  # collected, not trained again
 
 
 def test_an_interrupted_cv_continues_where_it_stopped(seg2d_root: Path, tmp_path: Path,
@@ -97,9 +102,11 @@ def test_an_interrupted_cv_continues_where_it_stopped(seg2d_root: Path, tmp_path
     assert missing.is_file() and kept.stat().st_mtime_ns == kept_time  # only the missing case predicted
 
 
-def test_a_fold_trained_on_other_cases_or_settings_is_refused(seg2d_root: Path, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "cv"
-    assert _cv(seg2d_root, out, "--fold", "0") == 0
+def test_a_fold_trained_on_other_cases_or_settings_is_refused(seg2d_cv: Path, seg2d_root: Path, tmp_path: Path,
+                                                             count_fits: list[list[str]], capsys) -> None:
+    import shutil
+
+    out = Path(shutil.copytree(seg2d_cv, tmp_path / "cv"))  # its fold 0 is trained
     # Reusing the fold under another seed or other overrides would report it as theirs.
     assert _cv(seg2d_root, out, "--fold", "0", "--seed", "5") == 2
     assert "started with other seed" in capsys.readouterr().err
@@ -110,6 +117,7 @@ def test_a_fold_trained_on_other_cases_or_settings_is_refused(seg2d_root: Path, 
     (out / "splits.json").write_text(json.dumps(splits))
     assert _cv(seg2d_root, out, "--fold", "0") == 2
     assert "trained on other held-out cases" in capsys.readouterr().err
+    assert count_fits == []  # refused before training
 
 
 def test_the_dataset_comes_from_every_config_and_override(seg2d_root: Path, cls2d_root: Path, tmp_path: Path) -> None:
@@ -121,10 +129,12 @@ def test_the_dataset_comes_from_every_config_and_override(seg2d_root: Path, cls2
     assert dataset_of(configs, ["--data.root", str(cls2d_root)]).root == cls2d_root
 
 
-def test_cv_seed_reaches_sampling_and_augmentation(seg2d_root: Path, tmp_path: Path) -> None:
-    for seed in (3, 4):
-        assert _cv(seg2d_root, tmp_path / f"s{seed}", "--fold", "0", "--seed", str(seed)) == 0
-        text = next((tmp_path / f"s{seed}" / "fold_0").rglob("config.yaml")).read_text()
+def test_cv_seed_reaches_sampling_and_augmentation(seg2d_cv: Path, seg2d_root: Path, tmp_path: Path) -> None:
+    # seg2d_cv ran with the default seed 0; this fold with seed 3.
+    for seed, out in ((0, seg2d_cv), (3, tmp_path / "s3")):
+        if seed:
+            assert _cv(seg2d_root, out, "--fold", "0", "--seed", str(seed)) == 0
+        text = next((out / "fold_0").rglob("config.yaml")).read_text()
         config = yaml.safe_load(text)
         assert config["seed_everything"] == seed and config["data"]["seed"] == seed
         assert "EpochProgress" not in text  # cv's progress callback is not part of the fold's config

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,19 +23,48 @@ REPO = Path(__file__).parents[1]
 CONFIG = REPO / "configs" / "seg2d_unet.yaml"
 
 
-def medseg_fit(out: Path, root: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``medseg fit`` in a fresh process (one thread, as a user would run it), from the repository root."""
-    command = [
-        sys.executable, "-m", "medseg", "fit", "--config", str(CONFIG), "--data.root", str(root),
-        "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.max_epochs", "3",
-        "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
-        "--data.patch_size", "[48, 48]", "--data.batch_size", "4", *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
+class Fit:
+    """``medseg fit`` started in a fresh process (one thread, as a user would run it), from the repository root;
+    its output goes to a file (a pipe nobody reads while another run is awaited could fill and stop it)."""
+
+    def __init__(self, out: Path, root: Path, *extra: str) -> None:
+        command = [
+            sys.executable, "-m", "medseg", "fit", "--config", str(CONFIG), "--data.root", str(root),
+            "--trainer.default_root_dir", str(out), "--trainer.accelerator", "cpu", "--trainer.max_epochs", "3",
+            "--trainer.check_val_every_n_epoch", "1", "--trainer.enable_progress_bar", "false",
+            "--data.patch_size", "[48, 48]", "--data.batch_size", "4",
+            "--model.init_args.network_args.channels", "[8, 16, 32]", *extra,
+        ]
+        self.log = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                        stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self, check: bool = True) -> tuple[int, str]:
+        """The exit code and the output, once the run has ended."""
+        try:
+            code = self.process.wait(timeout=300)
+        finally:
+            self.stop()
+        self.log.seek(0)
+        output = self.log.read()
+        self.log.close()
+        if check:
+            assert code == 0, output[-3000:]
+        return code, output
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def fits() -> Iterator[list[Fit]]:
+    """Started runs, each stopped at the end of the test if it still runs."""
+    started: list[Fit] = []
+    yield started
+    for run in started:
+        run.stop()
 
 
 def final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,19 +76,21 @@ def final_state(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def test_killed_run_resumed_with_ckpt_path_last_ends_like_an_uninterrupted_one(
-    seg2d_root: Path, tmp_path: Path
+    seg2d_root: Path, tmp_path: Path, fits: list[Fit]
 ) -> None:
     dropout = ["--model.init_args.network_args.dropout", "0.2"]  # draws from torch's global generator
-    medseg_fit(tmp_path / "whole", seg2d_root, *dropout)
+    # The uninterrupted run goes on beside the killed and the resumed one (each process uses one core).
+    fits.append(whole := Fit(tmp_path / "whole", seg2d_root, *dropout))
     # Killed mid-epoch 1 (3 steps an epoch) and resumed from the end of epoch 0, both with loader workers.
     killer = json.dumps({"class_path": "tests.kill_callback.KillAtStep", "init_args": {"step": 5}})
     workers = ["--data.num_workers", "2", *dropout]
-    killed = medseg_fit(tmp_path / "split", seg2d_root, "--trainer.callbacks+", killer, *workers, check=False)
-    assert killed.returncode == -signal.SIGKILL
+    fits.append(killed := Fit(tmp_path / "split", seg2d_root, "--trainer.callbacks+", killer, *workers))
+    assert killed.wait(check=False)[0] == -signal.SIGKILL
     epoch = torch.load(tmp_path / "split/seg2d_unet/version_0/checkpoints/last.ckpt", weights_only=True)["epoch"]
     assert epoch == 0  # so the resumed run really redoes epochs 1 and 2
-    resumed = medseg_fit(tmp_path / "split", seg2d_root, "--ckpt_path", "last", *workers)
-    assert "resuming from" in resumed.stderr + resumed.stdout
+    fits.append(resumed := Fit(tmp_path / "split", seg2d_root, "--ckpt_path", "last", *workers))
+    assert "resuming from" in resumed.wait()[1]
+    whole.wait()
 
     whole_weights, whole_row = final_state(tmp_path / "whole")
     split_weights, split_row = final_state(tmp_path / "split")

@@ -204,14 +204,21 @@ def _temporary(out: Path) -> list[Path]:
     return [p for p in out.rglob(".*") if p.is_file() and not p.name.endswith(".lock")]
 
 
+@pytest.fixture(scope="module")
+def killed_output(seg3d_checkpoint: Path, seg3d_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder a ``predict --save-uncertainty`` left when killed at its 8th rename (run once, then copied)."""
+    out = tmp_path_factory.mktemp("killed") / "out"
+    # Renames: run.json, then per case entropy map + label map; the 8th is case 4's label map.
+    _killed("predict", "--device", "cpu", "--ckpt", seg3d_checkpoint, "--input", seg3d_root / "imagesTr",
+            "--output", out, "--save-uncertainty", kill_at=8)
+    return out
+
+
 @pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
 def test_a_killed_run_leaves_its_rows_and_resume_or_overwrite_clear_its_temporary_files(
-    flag: str, seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path, medseg: Callable
+    flag: str, killed_output: Path, seg3d_checkpoint: Path, seg3d_root: Path, tmp_path: Path, medseg: Callable
 ) -> None:
-    out, images = tmp_path / "out", seg3d_root / "imagesTr"
-    # Renames: run.json, then per case entropy map + label map; the 8th is case 4's label map.
-    _killed("predict", "--device", "cpu", "--ckpt", seg3d_checkpoint, "--input", images, "--output", out,
-            "--save-uncertainty", kill_at=8)
+    out, images = Path(shutil.copytree(killed_output, tmp_path / "out")), seg3d_root / "imagesTr"
     (orphan,) = _temporary(out)  # killed between writing case_003's entropy map and renaming it
     assert orphan.parent.name == "uncertainty" and orphan.name.startswith(".case_003_entropy.nii.gz.")
     before = {row["case"]: row for row in _rows(out / "uncertainty.csv")}
