@@ -43,6 +43,8 @@ __all__ = [
     "DiceLoss",
     "FocalLoss",
     "create_loss",
+    "deep_supervision_loss",
+    "deep_supervision_weights",
     "list_losses",
     "loss_activation",
 ]
@@ -370,6 +372,53 @@ def _dice_bce(
     dice = DiceLoss(activation, class_weights, include_background, smooth, num_classes)
     bce = BCELoss(activation, class_weights, pos_weight, num_classes)
     return CompoundLoss(dice, bce, lambda_dice, lambda_ce)
+
+
+def deep_supervision_weights(scales: int) -> list[float]:
+    """Weight of each output of a deep-supervision list, full resolution first: ``2**-k``, normalised to sum 1
+    (nnU-Net's halving; unlike nnU-Net the lowest resolution keeps its weight)."""
+    if scales < 1:
+        raise ValueError(f"deep supervision needs at least one output, got {scales}")
+    raw = [2.0**-k for k in range(scales)]
+    return [w / sum(raw) for w in raw]
+
+
+def nearest_resize(target: Tensor, size: Sequence[int]) -> Tensor:
+    """``target`` ``(..., *spatial)`` resized on its last ``len(size)`` axes by nearest neighbour, any dtype.
+
+    Voxel ``i`` of an axis of length ``n`` resized to ``m`` takes source voxel ``floor(i * n / m)`` (torch's
+    ``mode="nearest"``; a factor-2 reduction keeps every even voxel). Labels are picked, never interpolated.
+    """
+    spatial = tuple(target.shape[target.ndim - len(size):])
+    if spatial == tuple(size):
+        return target
+    for axis, (n, m) in enumerate(zip(spatial, size, strict=True), start=target.ndim - len(size)):
+        index = torch.div(torch.arange(m, device=target.device) * n, m, rounding_mode="floor")
+        target = target.index_select(axis, index)
+    return target
+
+
+def deep_supervision_loss(loss: nn.Module, logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
+    """``loss`` of a network output, in float32: one tensor as is, or a deep-supervision list (full resolution
+    first, each ``(B, C, *spatial_k)``) as ``sum_k w_k * loss(logits_k, target resized to spatial_k)``, with
+    :func:`deep_supervision_weights` and the target resized by :func:`nearest_resize`.
+
+    Args:
+        loss: a loss of :func:`create_loss` (or any ``(logits, target) -> ()`` module).
+        logits: ``(B, C, *spatial)`` or a list of them.
+        target: the target at full resolution (label map or dense, see the module doc).
+
+    Returns:
+        The scalar loss.
+    """
+    if isinstance(logits, Tensor):
+        return loss(logits.float(), target)
+    if len(logits) == 0:
+        raise ValueError("deep supervision: the network returned an empty list of outputs")
+    total = logits[0].new_zeros((), dtype=torch.float32)
+    for weight, scale in zip(deep_supervision_weights(len(logits)), logits, strict=True):
+        total = total + weight * loss(scale.float(), nearest_resize(target, scale.shape[2:]))
+    return total
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {

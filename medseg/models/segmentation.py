@@ -178,28 +178,37 @@ def attention_unet_encoder(net: nn.Module) -> list[nn.Module]:
 
 
 class UNetPlusPlus(BasicUNetPlusPlus):
-    """MONAI ``BasicUNetPlusPlus`` without deep supervision, returning one tensor.
+    """MONAI ``BasicUNetPlusPlus`` returning one tensor, or with ``deep_supervision`` in training mode the list
+    of its four heads, deepest decoder first (``x_0_4, x_0_3, x_0_2, x_0_1``, all full resolution).
 
-    MONAI returns a one-element list and still computes three unused deep-supervision heads; those heads are
-    replaced by ``nn.Identity`` so every parameter takes part in the output. Other state-dict keys match MONAI's.
+    Without deep supervision MONAI returns a one-element list and still computes three unused heads; those heads
+    are replaced by ``nn.Identity`` so every parameter takes part in the output. Other state-dict keys match
+    MONAI's.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, **kwargs: object) -> None:
-        super().__init__(spatial_dims, in_channels, out_channels, deep_supervision=False, **kwargs)
-        self.final_conv_0_1 = nn.Identity()
-        self.final_conv_0_2 = nn.Identity()
-        self.final_conv_0_3 = nn.Identity()
+    def __init__(
+        self, spatial_dims: int, in_channels: int, out_channels: int, deep_supervision: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, out_channels, deep_supervision=deep_supervision, **kwargs)
+        if not deep_supervision:
+            self.final_conv_0_1 = nn.Identity()
+            self.final_conv_0_2 = nn.Identity()
+            self.final_conv_0_3 = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Segment ``x``.
 
         Args:
             x: ``(B, in_channels, *S)``, each spatial size divisible by 16.
 
         Returns:
-            ``(B, out_channels, *S)`` logits.
+            ``(B, out_channels, *S)`` logits (with deep supervision in training mode, four of them, final first).
         """
-        return super().forward(x)[-1]
+        outputs = super().forward(x)
+        if self.deep_supervision and self.training:
+            return outputs[::-1]
+        return outputs[-1]
 
 
 def build_unetpp(
@@ -213,6 +222,7 @@ def build_unetpp(
     act: LayerArg | None = None,
     dropout: float = 0.0,
     upsample: str = "deconv",
+    deep_supervision: bool = False,
 ) -> UNetPlusPlus:
     """UNet++ (MONAI ``BasicUNetPlusPlus``), depth fixed at 4 down-sampling levels.
 
@@ -227,6 +237,8 @@ def build_unetpp(
         act: Activation; default MONAI's LeakyReLU(0.1).
         dropout: Dropout after every convolution.
         upsample: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
+        deep_supervision: In training mode return the four heads' logits, final first (see
+            :func:`medseg.losses.deep_supervision_loss`); eval mode returns the final one only.
 
     Returns:
         The network, ``(B, in_channels, *S) -> (B, out_channels, *S)``.
@@ -256,6 +268,7 @@ def build_unetpp(
         features=features,
         dropout=check_dropout(name, dropout),
         upsample=upsample,
+        deep_supervision=bool(deep_supervision),
         **options,
     )
 

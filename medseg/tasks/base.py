@@ -11,7 +11,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 
 from medseg.data.sampling import mixed_seed, reseed_globals, run_seed
-from medseg.losses import create_loss
+from medseg.losses import create_loss, deep_supervision_loss
 from medseg.models import create_model, freeze_encoder, load_pretrained
 from medseg.tasks.schedule import Annealing, FitProgress, follow_max_epochs, require_a_limit
 
@@ -92,7 +92,8 @@ class MedSegModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on a batch: image ``(B, C, ...)``, label ``(B, 1, ...)`` label map or ``(B,)`` class index."""
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()
-        loss = self.loss_fn(self(image).float(), self.training_targets(label))  # in float32 under mixed precision
+        # in float32 under mixed precision; a deep-supervision list of outputs is weighted over its scales
+        loss = deep_supervision_loss(self.loss_fn, self(image), self.training_targets(label))
         # The step value is this process's (for the progress bar and the step log); only the epoch mean is
         # synced across DDP processes, once an epoch, so the training step carries no extra all-reduce.
         self.log("train/loss_step", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
@@ -112,6 +113,11 @@ class MedSegModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["medseg_task"] = self.TASK  # read by medseg.inference.native.load_model
+        from medseg.models.external import network_source
+
+        source = network_source(self.hparams.network)  # a network from another package: its module, version
+        if source is not None:
+            checkpoint["medseg_network_source"] = source
         if self._trainer is not None:  # `medseg predict --precision auto` predicts at the precision trained at
             checkpoint["medseg_precision"] = str(self.trainer.precision)
 
