@@ -269,9 +269,9 @@ def test_load_pretrained_skips_mismatched_head(name: str, tmp_path: Path) -> Non
     assert sorted(report["skipped"]) == sorted(report["missing"])
     assert all("shape" in report["reasons"][k] for k in report["skipped"])
     assert len(report["loaded"]) > len(report["skipped"])
-    target_state = target.state_dict()
+    target_state, source_state = target.state_dict(), source.state_dict()
     for key in report["loaded"]:
-        assert torch.equal(target_state[key], source.state_dict()[key])
+        assert torch.equal(target_state[key], source_state[key])
     with pytest.raises(ValueError, match="strict=True"):
         load_pretrained(build(name, out_channels=2), path, strict=True)
 

@@ -161,6 +161,18 @@ def _check_topology(spatial_dims: int, kernels: object, strides: object) -> tupl
     return kernel_grid, stride_grid
 
 
+def check_topology(model: str, spatial_dims: int, kernels: object, strides: object) -> tuple[Grid, Grid]:
+    """The checks of ``planned_unet``'s kernels and strides for another DynUNet-based model, errors naming ``model``.
+
+    Raises:
+        ValueError: as :func:`build_planned_unet` does for a bad topology, starting ``Model '<model>': ``.
+    """
+    try:
+        return _check_topology(spatial_dims, kernels, strides)
+    except ValueError as err:
+        raise ValueError(str(err).replace(f"Model '{NAME}'", f"Model '{model}'", 1)) from None
+
+
 def _positive_int(option: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Model '{NAME}': '{option}' must be a positive int, got {value!r}.")

@@ -102,19 +102,28 @@ def register_model(spec: ModelSpec, *, overwrite: bool = False) -> ModelSpec:
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    """Return the registry entry for ``name`` (case-insensitive).
+    """Return the registry entry for ``name`` (case-insensitive), or the network an import path
+    ``"package.module:callable"`` names (see :mod:`medseg.models.external`).
 
     Raises:
-        ValueError: Unknown name; the message lists the registered models.
+        ValueError: Unknown name (the message lists the registered models), or an import path that cannot be used.
     """
+    from medseg.models import external
+
+    if external.is_import_path(name):
+        return external.import_spec(name)
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in _REGISTRY:
-        raise ValueError(f"Unknown model '{name}'. Available models: {', '.join(sorted(_REGISTRY))}.")
+        external.load_entry_points()
+    if key not in _REGISTRY:
+        raise ValueError(f"Unknown model '{name}'{external.entry_point_failure(str(name))}. "
+                         f"Available models: {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[key]
 
 
 def list_models(task: str | None = None) -> list[str]:
-    """Registered model names, sorted, optionally only those of one task.
+    """Registered model names (medseg's and the ``medseg.models`` entry points'), sorted, optionally only those
+    of one task.
 
     Args:
         task: ``"segmentation"``, ``"classification"`` or None for all.
@@ -124,6 +133,9 @@ def list_models(task: str | None = None) -> list[str]:
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"Unknown task '{task}'. Valid tasks: {', '.join(TASKS)}.")
+    from medseg.models.external import load_entry_points
+
+    load_entry_points()
     return sorted(name for name, spec in _REGISTRY.items() if task is None or spec.task == task)
 
 
@@ -284,3 +296,12 @@ def check_dropout(model: str, dropout: float) -> float:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"Model '{model}': 'dropout' must be a float in [0, 1), got {dropout!r}.")
     return float(dropout)
+
+
+def monai_norm(model: str, norm: LayerArg | None, default: str, widths: Sequence[int]) -> LayerArg:
+    """A norm option (None = ``default``) in MONAI's form; instance norm is affine, as in nnU-Net."""
+    resolved = resolve_norm(model, default if norm is None else norm, widths)
+    name, args = (resolved, {}) if isinstance(resolved, str) else resolved
+    if name == "instance":
+        args = {"affine": True, **args}
+    return (name, args) if args else name
