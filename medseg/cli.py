@@ -22,7 +22,7 @@ COMMANDS = {
     "fit": "lightning:fit", "validate": "lightning:run", "test": "lightning:run",
     "predict": "predict:run", "cv": "cv:run", "benchmark": "benchmark:run", "evaluate": "evaluate:run",
     "demo": "demo:run", "make-synthetic": "data:make_synthetic", "check-data": "data:check_data", "plan": "plan:run",
-    "export": "export:run", "serve": "serve:run", "ab-report": "ab_report:run",
+    "export": "export:run", "serve": "serve:run", "ab-report": "ab_report:run", "models": "models:run",
 }
 VERBOSE = "--verbose"
 USAGE = """usage: medseg [--verbose] COMMAND [options]
@@ -39,6 +39,7 @@ commands:
   make-synthetic  write a synthetic Decathlon-style dataset
   check-data      read every case of a dataset and report every problem
   plan            derive a commented training config from a dataset's fingerprint
+  models          list the networks a config can name: source, task, dimensions, parameter counts
   export          one self-contained model folder: TorchScript/ONNX networks, spec JSON, MONAI bundle
   serve           an HTTP service for exported models: /predict, A/B split, /metrics, a viewer at /
   ab-report       compare the two arms of a served A/B test from its request log

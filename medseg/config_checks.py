@@ -44,8 +44,9 @@ def _check_ckpt_path(ckpt_path: Any) -> None:
 
 
 def check_network(config: Any, argv: list[str]) -> None:
-    """Refuse an unknown network, or an argument it does not take, naming where it was written, with the closest
-    valid name (the registry would refuse it too, but at build time, deep inside jsonargparse)."""
+    """Refuse an unknown network (or an import path ``module:callable`` that cannot be imported or called), or an
+    argument it does not take, naming where it was written, with the closest valid name (the registry would
+    refuse it too, but at build time, deep inside jsonargparse)."""
     from medseg.models.registry import get_model_spec, list_models
 
     name, network_args = config.get("model.init_args.network"), config.get("model.init_args.network_args")
@@ -55,6 +56,8 @@ def check_network(config: Any, argv: list[str]) -> None:
         spec = get_model_spec(name)
     except ValueError as err:
         where = _where(["model", "network"], None, argv, "model.init_args.network")
+        if ":" in name:  # an import path "package.module:callable" (medseg.models.external): why it cannot be used
+            raise ConfigError(f"{where}: {err}") from err
         raise ConfigError(f"{where}: no network named '{name}'{did_you_mean(name, list_models())} "
                           f"(networks: {', '.join(list_models())})") from err
     for key in network_args or {}:

@@ -90,12 +90,14 @@ def test_help_and_argument_errors_import_neither_torch_nor_lightning() -> None:
         from medseg.cli import main
         for argv in (["--help"], ["check-data", "--help"], ["evaluate", "--help"], ["predict", "--help"],
                      ["cv", "--help"], ["benchmark", "--help"], ["plan", "--help"], ["make-synthetic", "--help"],
-                     ["demo", "--help"], ["evaluate"], ["predict", "--ckpt"], ["check-data", "--bogus"]):
+                     ["demo", "--help"], ["export", "--help"], ["serve", "--help"], ["ab-report", "--help"],
+                     ["models", "--help"], ["evaluate"], ["predict", "--ckpt"], ["check-data", "--bogus"]):
             try:
                 main(argv)
             except SystemExit:
                 pass
-        print("IMPORTED", sorted({m.split(".")[0] for m in sys.modules} & {"torch", "monai", "pytorch_lightning"}))
+        print("IMPORTED", sorted({m.split(".")[0] for m in sys.modules}
+                                 & {"torch", "monai", "pytorch_lightning", "fastapi", "onnxruntime"}))
     """)
     assert "IMPORTED []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 

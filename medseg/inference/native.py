@@ -28,6 +28,7 @@ from medseg.errors import InputError
 from medseg.inference.outputs import OutputSpec
 from medseg.inference.window import Window
 from medseg.models import create_model
+from medseg.models.external import source_problem
 
 NONFINITE_MODES = ("fail", "zero")
 logger = logging.getLogger("medseg")
@@ -94,6 +95,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     if "network" not in hparams or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a medseg checkpoint (no network name or state_dict)")
     task = ckpt.get("medseg_task", "segmentation")
+    problem = source_problem(hparams["network"], ckpt.get("medseg_network_source"))
+    if problem:  # a network from a package that is not installed here
+        raise ValueError(f"{path}: {problem}")
     net = create_model(
         hparams["network"], hparams["spatial_dims"], hparams["in_channels"], hparams["num_classes"],
         **(hparams.get("network_args") or {}),
