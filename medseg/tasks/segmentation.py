@@ -114,7 +114,12 @@ class SegmentationModule(MedSegModule):
         (same window, blending and activation), on the GPU or, when the stitched maps would not fit, the CPU."""
         layout = Layout(self.outputs.channels)
         predictor = MemberWindows([self], [()], self.outputs, layout)
-        return stitch(predictor, image, self.window, layout.size, window_device=self.device)
+        was_training = self.net.training
+        try:  # eval mode: a deep-supervision network returns its full-resolution output only
+            self.net.eval()
+            return stitch(predictor, image, self.window, layout.size, window_device=self.device)
+        finally:
+            self.net.train(was_training)
 
     def training_targets(self, label: torch.Tensor) -> torch.Tensor:
         """The loss target: the label map ``(B, 1, ...)``, or for regions their masks ``(B, R, ...)``."""
