@@ -98,8 +98,10 @@ def import_spec(name: str) -> ModelSpec:
 def factory_spec(name: str, factory: Any, task: str = "segmentation", description: str = "") -> ModelSpec:
     """A :class:`ModelSpec` for a bare ``nn.Module`` factory, called by keyword.
 
-    Its options are the factory's named parameters other than ``spatial_dims``/``in_channels``/``out_channels``
-    (a ``**kwargs`` catch-all adds none). It declares no encoder: ``freeze_encoder`` refuses it.
+    Its options are the factory's named parameters other than ``spatial_dims``/``in_channels``/``out_channels``,
+    which it must name (a ``**kwargs`` catch-all neither counts for them nor adds options). It declares no
+    encoder (``freeze_encoder`` refuses it) and is a segmentation network: a classifier is published as a
+    :class:`ModelSpec` with ``task="classification"``.
 
     Raises:
         ValueError: ``factory`` is not callable or does not take the three dimension arguments by keyword.
@@ -111,8 +113,8 @@ def factory_spec(name: str, factory: Any, task: str = "segmentation", descriptio
     except (TypeError, ValueError) as err:
         raise ValueError(f"network '{name}': its signature cannot be read ({err})") from err
     by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    catch_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    missing = [a for a in DIMENSION_ARGS if not (a in parameters and parameters[a].kind in by_keyword or catch_all)]
+    # named explicitly: a bare **kwargs would let anything through (torch.nn.Identity takes *args, **kwargs)
+    missing = [a for a in DIMENSION_ARGS if not (a in parameters and parameters[a].kind in by_keyword)]
     if missing:
         raise ValueError(f"network '{name}' does not take {', '.join(missing)} (its parameters: "
                          f"{', '.join(parameters) or 'none'}); wrap it in a function that does")
