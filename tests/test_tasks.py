@@ -56,6 +56,19 @@ def test_patch_not_suiting_the_network_is_refused_before_training(seg2d_root: Pa
                         "--data.patch_size", "[36, 36]"])
 
 
+def test_an_image_too_small_for_a_classifier_is_refused_in_one_line(cls2d_root: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """densenet121 halves its input 5 times: 16x16 images leave nothing to pool (was a traceback mid-fit)."""
+    from medseg.cli import main
+
+    code = main(["fit", "--config", str(CONFIGS / "cls2d_densenet121.yaml"), "--data.root", str(cls2d_root),
+                 "--data.patch_size", "[16, 16]", "--data.preprocessing", "{resize: [16, 16]}",
+                 "--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("medseg fit: input size [16, 16] is too small for network 'densenet121'")
+    assert "\n" not in err
+
+
 def test_test_stage_uses_the_labelled_test_list(seg3d_root: Path, seg2d_root: Path) -> None:
     dm = MedSegDataModule(str(seg3d_root), patch_size=[16, 16, 8])
     dm.setup("test")

@@ -13,6 +13,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from medseg.errors import ConfigError
 from medseg.metrics.auroc_metric import ExactAUROC
 from medseg.tasks.base import NOT_SAVED, MedSegModule
 
@@ -85,6 +86,25 @@ class ClassificationModule(MedSegModule):
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+
+    def on_fit_start(self) -> None:
+        """Fail before training, in one line, when the input size is too small for the network's down-sampling
+        (densenet121 needs every side at least 32, for one)."""
+        size = (self.hparams.preprocessing_spec or {}).get("resize") or self.hparams.roi_size
+        if not size:
+            return
+        probe = torch.zeros(1, self.hparams.in_channels, *size, device=self.device)
+        was_training = self.net.training
+        try:
+            with torch.no_grad():
+                self.net.eval()(probe)
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"input size {list(size)} is too small for network "
+                             f"{self.hparams.network!r} {self.hparams.network_args or {}}; use larger images "
+                             f"({reason})") from err
+        finally:
+            self.net.train(was_training)
 
     def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MetricCollection) -> torch.Tensor:
         image, label = torch.as_tensor(batch["image"]), torch.as_tensor(batch["label"]).long()

@@ -102,7 +102,7 @@ class SegmentationModule(MedSegModule):
             with torch.no_grad():
                 self.net.eval()(probe)
         except RuntimeError as err:
-            raise ValueError(
+            raise ConfigError(
                 f"patch_size {self.roi_size} does not suit network {self.hparams.network!r} "
                 f"{self.hparams.network_args or {}}: each side must be divisible by 2**depth ({err})"
             ) from err
