@@ -83,6 +83,10 @@ def test_shared_options_are_accepted_or_explained(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_backward(name: str, spatial_dims: int, in_channels: int) -> None:
     torch.manual_seed(0)
+    if spatial_dims not in get_model_spec(name).dims:
+        with pytest.raises(ValueError, match=f"spatial_dims={spatial_dims} is not supported"):
+            build(name, spatial_dims, in_channels, out_channels=3)
+        return
     net = build(name, spatial_dims, in_channels, out_channels=3)
     x = sample(spatial_dims, in_channels)
     y = net(x)

@@ -53,6 +53,7 @@ class ModelSpec:
             (used by :func:`medseg.models.freeze_encoder`).
         unsupported: Shared option names this model cannot honour, mapped to the reason shown to the user.
         description: One line for listings and docs.
+        dims: The ``spatial_dims`` the model can be built in; :func:`create_model` refuses the others.
     """
 
     name: str
@@ -61,6 +62,7 @@ class ModelSpec:
     encoder: Callable[[nn.Module], list[nn.Module]]
     unsupported: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+    dims: tuple[int, ...] = (2, 3)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -171,6 +173,9 @@ def create_model(
     spec = get_model_spec(name)
     if spatial_dims not in (2, 3):
         raise ValueError(f"Model '{spec.name}': spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+    if spatial_dims not in spec.dims:
+        raise ValueError(f"Model '{spec.name}' is {'/'.join(f'{d}D' for d in spec.dims)} only: "
+                         f"spatial_dims={spatial_dims} is not supported.")
     for label, value in (("in_channels", in_channels), ("out_channels", out_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Model '{spec.name}': {label} must be a positive int, got {value!r}.")
