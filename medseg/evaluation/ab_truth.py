@@ -18,18 +18,14 @@ from typing import Any
 import numpy as np
 
 from medseg.data.datalist import load_dataset
-from medseg.data.io import DEFAULT_MAX_VOXELS, read_image, spacing_from_affine
+from medseg.data.io import DEFAULT_MAX_VOXELS
 from medseg.errors import InputError
 from medseg.evaluation.ab_log import ABLog
-from medseg.evaluation.evaluate import reference_cases
+from medseg.evaluation.evaluate import GridMismatch, read_on_one_grid, reference_cases, score_case
 from medseg.metrics.conventions import EmptyMaskRules
-from medseg.metrics.segmentation import both_empty_metrics, case_metrics, metric_names, region_metrics
+from medseg.metrics.segmentation import both_empty_metrics, metric_names
 
 SHOWN_MISSING = 5  # missing prediction files named in the summary
-
-
-class GridMismatch(InputError):
-    """A kept prediction on another grid than its reference."""
 
 
 @dataclass
@@ -141,18 +137,10 @@ def _score_one(case: str, file: Path, truth: Truth, rules: EmptyMaskRules, max_v
     """One kept prediction against its case's reference: the scores by class (or region), the foreground values
     the reference holds, and its dimensionality (which must be that of the requests scored before)."""
     reference_file = truth.references[case]
-    reference, affine = read_image(reference_file, max_voxels=max_voxels)
-    prediction, pred_affine = read_image(file, max_voxels=max_voxels)
-    if prediction.shape != reference.shape or not np.allclose(pred_affine, affine, atol=1e-3):
-        raise GridMismatch(f"{file}: grid {prediction.shape} does not match the reference {reference_file} "
-                           f"{reference.shape} (shape or affine)")
+    prediction, reference, affine = read_on_one_grid(file, reference_file, max_voxels)
     if ndim is not None and reference.ndim != ndim:
         raise InputError(f"{reference_file}: a {reference.ndim}D image, but the requests scored before are {ndim}D")
-    spacing = spacing_from_affine(affine, reference.ndim)
-    prediction, reference = prediction.round(), reference.round()
     in_reference = {int(v) for v in np.unique(reference) if v > 0}
-    if truth.regions:
-        return (region_metrics(prediction, reference, spacing, truth.regions, nsd_tolerance_mm, rules),
-                in_reference, reference.ndim)
     found = truth.classes or sorted(in_reference | {int(v) for v in np.unique(prediction) if v > 0})
-    return case_metrics(prediction, reference, spacing, found, nsd_tolerance_mm, rules), in_reference, reference.ndim
+    return (score_case(prediction, reference, affine, found, truth.regions or None, nsd_tolerance_mm, rules),
+            in_reference, reference.ndim)

@@ -33,6 +33,7 @@ from medseg.data.io import (
     spacing_from_affine,
     write_csv,
 )
+from medseg.errors import InputError
 from medseg.evaluation.calibration_scores import (
     CALIBRATION_METRICS,
     CalibrationScores,
@@ -117,26 +118,18 @@ def evaluate_segmentation(
     in_truth: set[float] = set()  # label values the reference files hold
     first: tuple[int, str] | None = None  # the dimensionality of the first reference, and its file
     for case in tqdm(matched, desc="evaluating", unit="case"):
-        reference, affine = read_image(references[case], max_voxels=max_voxels)
+        prediction, reference, affine = read_on_one_grid(predictions[case], references[case], max_voxels)
         first = first or (reference.ndim, references[case])
         if reference.ndim != first[0]:
             raise ValueError(f"{references[case]}: a {reference.ndim}D image, but {first[1]} is {first[0]}D: the "
                              "cases of one evaluation must all be 2D or all 3D")
-        prediction, pred_affine = read_image(predictions[case], max_voxels=max_voxels)
-        if prediction.shape != reference.shape or not np.allclose(pred_affine, affine, atol=1e-3):
-            raise ValueError(f"{predictions[case]}: grid {prediction.shape} does not match the reference "
-                             f"{references[case]} {reference.shape} (shape or affine)")
         values, counts = np.unique(prediction, return_counts=True)
         predicted[case] = {float(v): int(n) for v, n in zip(values, counts, strict=True)}
         truth_values = {float(v) for v in np.unique(reference)}
         in_truth |= truth_values
-        spacing = spacing_from_affine(affine, reference.ndim)
-        if regions:
-            scores: dict[Any, dict[str, float]] = region_metrics(
-                prediction.round(), reference.round(), spacing, regions, nsd_tolerance_mm, rules)
-        else:  # without declared classes: every value either side holds; those the truth never holds go below
-            found = classes or sorted(int(v) for v in truth_values | set(predicted[case]) if v > 0)
-            scores = case_metrics(prediction.round(), reference.round(), spacing, found, nsd_tolerance_mm, rules)
+        # without declared classes: every value either side holds; those the truth never holds go below
+        found = classes or sorted(int(v) for v in truth_values | set(predicted[case]) if v > 0)
+        scores = score_case(prediction, reference, affine, found, regions, nsd_tolerance_mm, rules)
         rows += [{"case": case, "class": c, **values} for c, values in scores.items()]
         if calibration is not None:
             calibrated |= {(case, c): v for c, v in calibration.case(case, reference, affine).items()}
@@ -174,6 +167,35 @@ def evaluate_segmentation(
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
         json.dump(_nan_to_none(summary), handle, indent=2)
     return summary
+
+
+class GridMismatch(InputError):
+    """A prediction that does not lie on its reference's grid (shape or affine)."""
+
+
+def read_on_one_grid(prediction_file: str | Path, reference_file: str | Path,
+                     max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prediction and its reference, read: ``(prediction, reference, affine)``.
+
+    Raises:
+        GridMismatch: naming the prediction file, when its shape or affine is not the reference's.
+    """
+    reference, affine = read_image(reference_file, max_voxels=max_voxels)
+    prediction, pred_affine = read_image(prediction_file, max_voxels=max_voxels)
+    if prediction.shape != reference.shape or not np.allclose(pred_affine, affine, atol=1e-3):
+        raise GridMismatch(f"{prediction_file}: grid {prediction.shape} does not match the reference "
+                           f"{reference_file} {reference.shape} (shape or affine)")
+    return prediction, reference, affine
+
+
+def score_case(prediction: np.ndarray, reference: np.ndarray, affine: np.ndarray, classes: list[int],
+               regions: dict[str, list[int]] | None, nsd_tolerance_mm: float,
+               rules: EmptyMaskRules) -> dict[Any, dict[str, float]]:
+    """One case's metrics (mm from ``affine``) per class of ``classes``, or per region when ``regions``."""
+    spacing = spacing_from_affine(affine, reference.ndim)
+    if regions:
+        return region_metrics(prediction.round(), reference.round(), spacing, regions, nsd_tolerance_mm, rules)
+    return case_metrics(prediction.round(), reference.round(), spacing, classes, nsd_tolerance_mm, rules)
 
 
 def _calibration(pred: Path, probabilities: str | Path | None, cases: list[str], classes: list[int] | None,
