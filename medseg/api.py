@@ -215,6 +215,9 @@ def load(source: str | Path | Sequence[str | Path], device: str = "auto", runtim
         raise ValueError(f"{folders[0]}: an exported model is loaded alone: medseg.load({str(folders[0])!r})")
     models = [load_model(path) for path in paths]
     check_compatible(models, list(paths))
+    if models[0].task not in ("segmentation", "classification"):
+        raise ValueError(f"{paths[0]}: a {models[0].task} model predicts with `medseg predict --ckpt` for now; "
+                         "medseg.load takes segmentation and classification models")
     steps = None
     if postprocess:
         from medseg.inference.postprocess import load_postprocessing

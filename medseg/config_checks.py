@@ -20,7 +20,6 @@ from medseg.errors import (
 from medseg.resume import (
     checkpoint_summary,
 )
-from medseg.tasks.classification import ClassificationModule
 
 
 def _raising(parser_kwargs: dict[str, Any] | None, subcommands: Any) -> dict[str, Any]:
@@ -69,26 +68,31 @@ def check_network(config: Any, argv: list[str]) -> None:
                               f"{did_you_mean(str(key), spec.kwargs)} (its arguments: {', '.join(spec.kwargs)})")
 
 
+# The file-name prefix of the shipped configs of each task (configs/<prefix><dims>d_<network>.yaml).
+CONFIG_PREFIX = {"segmentation": "seg", "classification": "cls", "multitask": "mtl", "enhancement": "enh"}
+
+
 def check_task(config: Any, argv: list[str]) -> None:
-    """Refuse a classification model on a segmentation dataset and the reverse, before anything is built.
+    """Refuse a model of another task than the dataset's (a classification model on a segmentation dataset, a
+    segmentation model on a multitask or enhancement one, ...), before anything is built.
 
     Raises:
         ConfigError: naming the dataset description and the config that chose the model, with a config of the
             dataset's task beside the first config file when there is one.
         DatasetError: the dataset description cannot be read.
     """
-    from medseg.data.datalist import SEGMENTATION, load_dataset
+    from medseg.data.datalist import load_dataset
 
     root, class_path = config.get("data.root"), config.get("model.class_path")
     if not root or not isinstance(class_path, str):
         return
     spec = load_dataset(root)
     model_class = _import(class_path)
-    if model_class is None or issubclass(model_class, ClassificationModule) != (spec.task == SEGMENTATION):
+    if model_class is None or getattr(model_class, "TASK", None) in (None, spec.task):
         return
     origin = key_origin(["model", "class_path"], None, argv)
     chosen = f" ({origin.where})" if origin else ""
-    prefix = "seg" if spec.task == SEGMENTATION else "cls"
+    prefix = CONFIG_PREFIX.get(spec.task, "seg")
     files = config_files(argv)
     folder = Path(files[0]).parent if files else Path("configs")
     examples = folder.glob(f"{prefix}{config.get('data.spatial_dims') or ''}d_*.yaml")

@@ -44,6 +44,7 @@ DATA_TO_MODEL = {
     "label_names": "label_names",
     "regions": "regions",
     "region_order": "region_order",
+    "class_names": "class_names",
     "roi_size": "roi_size",
     "preprocessing_spec": "preprocessing_spec",
 }

@@ -98,12 +98,12 @@ def test_data_values_reach_the_model(regions: bool, seg3d_regions_root: Path, tm
     if regions:  # three overlapping regions of label values 1, 2, 3; one channel
         root, config = seg3d_regions_root, "seg3d_unet_regions.yaml"
         expected = {"in_channels": 1, "num_classes": 3, "label_names": ["whole", "core", "inner"],
-                    "regions": [[1, 2, 3], [2, 3], [3]]}
+                    "regions": [[1, 2, 3], [2, 3], [3]], "class_names": None}
     else:  # two channels, three classes
         root, config = tmp_path / "two_channels", "seg3d_unet.yaml"
         make_synthetic(root, dims=3, cases=4, classes=3, size=(16, 16, 8), channels=2, seed=3)
         expected = {"in_channels": 2, "num_classes": 3, "label_names": ["background", "structure1", "structure2"],
-                    "regions": None}
+                    "regions": None, "class_names": None}
     cli = MedSegCLI(args=[
         "--config", str(CONFIGS / config), "--data.root", str(root), "--trainer.default_root_dir",
         str(tmp_path / "runs"), "--trainer.accelerator", "cpu", "--data.patch_size", "[16, 16, 8]",

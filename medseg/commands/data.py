@@ -16,7 +16,9 @@ def make_synthetic(argv: list[str]) -> int:
     parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--classes", type=int, default=2, help="classes including background for seg")
-    parser.add_argument("--task", choices=("seg", "cls"), default="seg")
+    parser.add_argument("--task", choices=("seg", "cls", "multitask", "enhance"), default="seg",
+                        help="seg, cls, multitask (a label map and an image-level class per case), or enhance "
+                             "(degraded ultrasound-like images paired with clean targets and lesion label maps)")
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--test-cases", type=int, default=TEST_CASES,
                         help=f"held-out cases written to imagesTs/ with their labels (default {TEST_CASES})")
@@ -32,6 +34,8 @@ def make_synthetic(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.regions and args.task != "seg":
         parser.error("--regions is for --task seg")
+    if args.task in ("multitask", "enhance"):
+        return _make_paired(args)
     from medseg.data.synthetic import make_synthetic as write
 
     try:
@@ -44,6 +48,22 @@ def make_synthetic(argv: list[str]) -> int:
         raise CommandError(str(err)) from err
     held_out = f" + {args.test_cases} test cases (imagesTs/)" if args.test_cases else ""
     print(f"wrote {args.cases} cases{held_out}: {path}")
+    return 0
+
+
+def _make_paired(args: argparse.Namespace) -> int:
+    """``make-synthetic --task multitask|enhance``: the datasets of the multitask and enhancement tasks."""
+    if args.task == "enhance":
+        from medseg.data.synthetic_enhance import make_enhancement as write
+    else:
+        from medseg.data.synthetic_multitask import make_multitask as write
+    try:
+        path = write(args.out, dims=args.dims, cases=args.cases, seed=args.seed, size=args.size,
+                     test_cases=args.test_cases)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
+    held_out = f" + {args.test_cases} test cases (imagesTs/)" if args.test_cases else ""
+    print(f"wrote {args.cases} {args.task} cases{held_out}: {path}")
     return 0
 
 

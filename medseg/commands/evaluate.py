@@ -28,6 +28,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--both-empty", default="1", choices=("1", "nan"),
                         help="dice/iou/nsd of a structure absent from both masks: 1 (default), or nan to leave "
                              "such pairs out")
+    parser.add_argument("--patient-aggregate", choices=("mean", "max"), default=None,
+                        help="classification and multitask: also score per patient (the dataset's 'patient' ids), "
+                             "combining each patient's case probabilities by their mean or their maximum")
     max_voxels_option(parser)
     return parser
 
@@ -41,8 +44,25 @@ def run(argv: list[str]) -> int:
     pred = Path(args.pred)
     try:
         rules = EmptyMaskRules.parse(args.both_empty, args.empty_distance)
+        task = truth_task(args.truth)
+        if task == "enhancement":
+            from medseg.evaluation.enhancement import evaluate_enhancement, report_enhancement
+
+            return report_enhancement(evaluate_enhancement(pred, args.truth, args.output,
+                                                           max_voxels=args.max_voxels), args.output)
+        if task == "multitask":
+            from medseg.evaluation.multitask import evaluate_multitask, report_multitask
+
+            return report_multitask(evaluate_multitask(
+                pred, args.truth, args.output, args.nsd_tolerance, rules, classes=args.labels,
+                max_voxels=args.max_voxels, probabilities=args.probabilities,
+                patient_aggregate=args.patient_aggregate), args.output)
         if pred.suffix == ".csv" or (pred / "predictions.csv").is_file():
-            return _report_classification(evaluate_classification(pred, args.truth, args.output), args.output)
+            summary = evaluate_classification(pred, args.truth, args.output, patient_aggregate=args.patient_aggregate)
+            return _report_classification(summary, args.output)
+        if args.patient_aggregate:
+            raise ValueError("--patient-aggregate scores image-level classes (classification or multitask "
+                             "predictions); segmentation is scored per case")
         summary = evaluate_segmentation(args.pred, args.truth, args.output, args.nsd_tolerance, rules,
                                         classes=args.labels, max_voxels=args.max_voxels,
                                         probabilities=args.probabilities)
@@ -66,6 +86,16 @@ def run(argv: list[str]) -> int:
         print(f"  undeclared label values: {undeclared['voxels']} voxel(s) in {undeclared['cases']} case(s) "
               "(summary.json: undeclared_labels)", file=sys.stderr)
     return 1 if summary["missing_predictions"] else 0
+
+
+def truth_task(truth: str) -> str:
+    """The task of the references: a dataset description's, else ``segmentation`` (a folder of label files)."""
+    from medseg.data.datalist import find_description, load_dataset
+
+    path = Path(truth)
+    if path.is_dir() and not any((path / name).is_file() for name in ("dataset.json", "dataset.csv")):
+        return "segmentation"
+    return load_dataset(find_description(path)).task
 
 
 def labels(text: str) -> list[int]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from medseg.commands.common import doc
 
-TASKS = ("segmentation", "classification")  # medseg.models.registry.TASKS, written out: help without torch
+TASKS = ("segmentation", "classification", "multitask")  # medseg.models.registry.TASKS, written out: help without torch
 
 
 def parser() -> argparse.ArgumentParser:

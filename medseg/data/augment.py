@@ -31,7 +31,7 @@ import torch
 from monai import transforms as mt
 
 from medseg.data.sampling import mixed_seed
-from medseg.data.transforms import keys_for
+from medseg.data.transforms import interpolation_modes, keys_for
 
 AUGMENTATIONS_3D = (
     "flip", "rotate90", "rotate", "zoom", "elastic", "shift_intensity", "scale_intensity", "gamma", "noise", "blur",
@@ -108,8 +108,8 @@ def _take(opts: dict[str, Any], name: str, **defaults: Any) -> dict[str, Any]:
 
 
 def _monai_3d(name: str, opts: dict[str, Any], keys: tuple[str, ...]) -> mt.Transform:
-    interp = ("bilinear", "nearest")[: len(keys)]
-    zoom_interp = ("trilinear", "nearest-exact")[: len(keys)]  # "nearest" samples floor(i/z): shifted
+    interp = interpolation_modes(keys, "bilinear", "nearest")
+    zoom_interp = interpolation_modes(keys, "trilinear", "nearest-exact")  # "nearest" samples floor(i/z): shifted
     if name == "flip":
         o = _take(opts, name, prob=0.5)
         return mt.Compose([mt.RandFlipd(keys, prob=o["prob"], spatial_axis=axis) for axis in range(3)])

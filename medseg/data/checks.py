@@ -32,7 +32,14 @@ from tqdm import tqdm
 
 from medseg.data import sampling
 from medseg.data.cache import CACHE_FILE, DatasetCache
-from medseg.data.datalist import SEGMENTATION, DatasetError, DatasetSpec, find_description, load_dataset
+from medseg.data.datalist import (
+    CLASSIFICATION,
+    LABEL_MAP_TASKS,
+    DatasetError,
+    DatasetSpec,
+    find_description,
+    load_dataset,
+)
 from medseg.data.dicom import expand_series, is_dicom_series
 from medseg.data.io import (
     DEFAULT_MAX_VOXELS,
@@ -198,7 +205,7 @@ def _run_checks(
 def _context(spec: DatasetSpec, *settings: Any) -> str:
     """A digest of what a case's check result depends on besides its files and its entry: the description's
     declarations and the check settings."""
-    return _digest([spec.task, spec.labels, spec.channel_names, spec.regions, settings])
+    return _digest([spec.task, spec.labels, spec.channel_names, spec.regions, spec.classes, settings])
 
 
 def _digest(value: Any) -> str:
@@ -220,13 +227,17 @@ class _CaseChecker:
         """All problems of one case dict (``where`` is ``"training"`` or ``"test"``)."""
         problems: list[Problem] = []
         label: tuple[np.ndarray, np.ndarray] | None = None
-        if self.spec.task == SEGMENTATION and isinstance(case["label"], str):
+        if self.spec.task in LABEL_MAP_TASKS and isinstance(case["label"], str):
             label = _read(case["label"], problems, self.max_voxels)
             if label is not None:
                 self.spatial_ndim = self.spatial_ndim or label[0].ndim
                 problems += self._label_values(case["label"], label[0])
-        elif self.spec.task != SEGMENTATION and case["label"] is not None:
+        elif self.spec.task == CLASSIFICATION and case["label"] is not None:
             problems += self._class_index(case, where)
+        if case.get("class") is not None and case["class"] not in (self.spec.classes or {}):
+            problems.append(Problem(str(self.spec.source), f"{where} case {case['id']!r} ({case['image'][0]}): class "
+                                    f"index {case['class']} is not declared in 'classes' "
+                                    f"(declared: {sorted(self.spec.classes or {})})"))
         ndim = label[0].ndim if label is not None else self.spatial_ndim
         images = []
         for path in case["image"]:
@@ -239,6 +250,23 @@ class _CaseChecker:
         problems += self._channels(case, images)
         if images and label is not None:
             problems += self._geometry(case["label"], label[0].shape, label[1], images[0], "label", "image")
+        if case.get("target"):
+            problems += self._target(case["target"], images, ndim)
+        return problems
+
+    def _target(self, path: str, images: list[_Image], ndim: int | None) -> list[Problem]:
+        """An enhancement target: readable, finite, on the image's grid, with the image's channels."""
+        problems: list[Problem] = []
+        loaded = _read(path, problems, self.max_voxels)
+        if loaded is None or not images:
+            return problems
+        target = _layout(path, loaded[0].shape, loaded[1], ndim or len(images[0].spatial))
+        problems += self._dimensionality(path, loaded[0].ndim)
+        problems += self._geometry(path, target.spatial, target.affine, images[0], "target", "image")
+        channels = sum(image.channels for image in images)
+        if not problems and target.channels != channels:
+            problems.append(Problem(path, f"target has {target.channels} channel(s), the image {channels}; "
+                                          "enhancement maps an image to a target with the same channels"))
         return problems
 
     def _dimensionality(self, path: str, ndim: int) -> list[Problem]:
@@ -340,7 +368,8 @@ class _CaseChecker:
 
 def _header_problems(case: dict[str, Any], max_voxels: int) -> list[Problem]:
     """The files of ``case`` whose header is missing, unreadable or claims more than its file can hold."""
-    files = [*case["image"], *([case["label"]] if isinstance(case["label"], str) else [])]
+    files = [*case["image"], *([case["label"]] if isinstance(case["label"], str) else []),
+             *([case["target"]] if case.get("target") else [])]
     problems = []
     for path in files:
         try:

@@ -4,7 +4,7 @@
 
     {
       "name": "...",
-      "task": "segmentation" | "classification",      # optional, default segmentation
+      "task": "segmentation" | "classification" | "multitask" | "enhancement",   # optional, default segmentation
       "labels": {"0": "background", "1": "tumour"},   # index -> name (names -> index is accepted too)
       "channel_names": {"0": "T1"},                   # or "modality" (the Decathlon key)
       "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz", "patient": "p1"}, ...],
@@ -28,10 +28,24 @@ label map, applied in order (later regions overwrite earlier ones).
 
 ``image`` may be a list of files (one per channel), and an image may be a folder holding one DICOM series
 (:mod:`medseg.data.dicom`). For classification ``label`` is an integer class index.
+
+Joint segmentation and classification (``"task": "multitask"``): each case has a label map *and* an image-level
+class, named by ``"classes"``::
+
+      "labels": {"0": "background", "1": "lesion"},
+      "classes": {"0": "benign", "1": "malignant"},
+      "training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz", "class": 1, "patient": "p1"}, ...]
+
+Image enhancement (``"task": "enhancement"``): each training case pairs the degraded ``image`` with its clean
+``target`` (same grid and channels); ``label`` (a label map) is optional, and ``labels`` may be left out when no
+case has one::
+
+      "training": [{"image": "imagesTr/a.nii.gz", "target": "targetsTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}]
 A CSV with ``image,label[,patient]`` columns describes a classification dataset (paths relative to the CSV).
 
 Each case is a plain dict ``{"id": str, "image": list[str], "label": str | int | None, "patient": str | None}``
-with absolute paths, so MONAI transforms and the checks can use it directly.
+with absolute paths, so MONAI transforms and the checks can use it directly; multitask cases add ``"class":
+int | None`` and enhancement cases ``"target": str | None``.
 """
 
 from __future__ import annotations
@@ -45,7 +59,12 @@ from typing import Any
 
 SEGMENTATION = "segmentation"
 CLASSIFICATION = "classification"
-TASK_ALIASES = {"seg": SEGMENTATION, "segmentation": SEGMENTATION, "cls": CLASSIFICATION, "classification": CLASSIFICATION}
+MULTITASK = "multitask"
+ENHANCEMENT = "enhancement"
+TASK_ALIASES = {"seg": SEGMENTATION, "segmentation": SEGMENTATION, "cls": CLASSIFICATION, "classification": CLASSIFICATION,
+                "multitask": MULTITASK, "enhance": ENHANCEMENT, "enhancement": ENHANCEMENT}
+#: Tasks whose ``label`` is a label-map file (classification's is a class index).
+LABEL_MAP_TASKS = (SEGMENTATION, MULTITASK, ENHANCEMENT)
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg")
 
 
@@ -66,6 +85,7 @@ class DatasetSpec:
         test: case dicts of the optional test list (``label`` is ``None`` when unknown).
         regions: for region-based segmentation, ``(name, label values)`` of each region, in order.
         region_order: the label value each region writes when a label map is rebuilt.
+        classes: multitask datasets: image-level class index -> name, sorted by index.
     """
 
     source: Path
@@ -76,6 +96,7 @@ class DatasetSpec:
     test: list[dict[str, Any]] = field(default_factory=list)
     regions: list[tuple[str, tuple[int, ...]]] | None = None
     region_order: list[int] | None = None
+    classes: dict[int, str] | None = None
 
     @property
     def root(self) -> Path:
@@ -92,6 +113,11 @@ class DatasetSpec:
     @property
     def label_names(self) -> list[str]:
         return [self.labels[k] for k in sorted(self.labels)]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Multitask datasets: the image-level class names, index order; ``None`` for other tasks."""
+        return [self.classes[k] for k in sorted(self.classes)] if self.classes else None
 
 
 def case_id(path: str | Path) -> str:
@@ -141,7 +167,16 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     if not isinstance(meta, dict):
         raise DatasetError(f"{source}: expected a JSON object at the top level")
     task = _task(meta.get("task", SEGMENTATION), source)
+    if task == ENHANCEMENT and meta.get("labels") is None:
+        meta = {**meta, "labels": {"0": "background"}}
     labels, regions, order = _labels_and_regions(meta, source, task)
+    classes = None
+    if task == MULTITASK:
+        classes = _labels(meta.get("classes"), source, "classes")
+        if len(classes) < 2:
+            raise DatasetError(f"{source}: 'classes' needs at least two image-level classes, got {classes}")
+    elif meta.get("classes") is not None:
+        raise DatasetError(f"{source}: 'classes' (image-level classes) is for \"task\": \"multitask\" datasets")
     channels = _channels(meta.get("channel_names", meta.get("modality", {"0": "image"})), source)
     if "training" not in meta or not isinstance(meta["training"], list):
         raise DatasetError(f"{source}: missing 'training' list")
@@ -149,26 +184,30 @@ def load_dataset(root: str | Path) -> DatasetSpec:
     test = [_case(entry, source, task, i, "test") for i, entry in enumerate(meta.get("test", []) or [])]
     _unique_ids(training, source, "training")
     _unique_ids(test, source, "test")
-    return DatasetSpec(source, task, labels, channels, training, test, regions, order)
+    spec = DatasetSpec(source, task, labels, channels, training, test, regions, order, classes)
+    if task in (MULTITASK, ENHANCEMENT) and regions:
+        raise DatasetError(f"{source}: regions are for segmentation datasets, not {task}")
+    return spec
 
 
 def _task(value: Any, source: Path) -> str:
     if value not in TASK_ALIASES:
-        raise DatasetError(f"{source}: unknown task {value!r}; use 'segmentation' or 'classification'")
+        raise DatasetError(f"{source}: unknown task {value!r}; use 'segmentation', 'classification', 'multitask' "
+                           "or 'enhancement'")
     return TASK_ALIASES[value]
 
 
-def _labels(value: Any, source: Path) -> dict[int, str]:
+def _labels(value: Any, source: Path, key_name: str = "labels") -> dict[int, str]:
     if not isinstance(value, dict) or not value:
-        raise DatasetError(f"{source}: missing 'labels' (index -> name)")
+        raise DatasetError(f"{source}: missing '{key_name}' (index -> name)")
     labels: dict[int, str] = {}
     for key, name in value.items():
         index, label = (key, name) if _is_int(key) else (name, key)  # nnU-Net v2 writes name -> index
         if not _is_int(index):
-            raise DatasetError(f"{source}: label entry {key!r}: {name!r} has no integer index")
+            raise DatasetError(f"{source}: {key_name} entry {key!r}: {name!r} has no integer index")
         labels[int(index)] = str(label)
     if sorted(labels) != list(range(len(labels))):
-        raise DatasetError(f"{source}: label indices must be 0..K-1 without gaps, got {sorted(labels)}")
+        raise DatasetError(f"{source}: {key_name} indices must be 0..K-1 without gaps, got {sorted(labels)}")
     return dict(sorted(labels.items()))
 
 
@@ -232,7 +271,7 @@ def _case(entry: Any, source: Path, task: str, index: int, where: str) -> dict[s
     if not images:
         raise DatasetError(f"{source}: {where}[{index}] has an empty image list")
     label = entry.get("label")
-    if where == "training" and label is None:
+    if where == "training" and label is None and task != ENHANCEMENT:
         raise DatasetError(f"{source}: {where}[{index}] ({images[0]}) has no 'label'")
     if label is not None:
         if task == CLASSIFICATION:
@@ -241,12 +280,31 @@ def _case(entry: Any, source: Path, task: str, index: int, where: str) -> dict[s
             label = int(label)
         else:
             label = _resolve(source, label, where, index)
-    return {
+    case = {
         "id": str(entry.get("id") or case_id(images[0])),
         "image": [_resolve(source, p, where, index) for p in images],
         "label": label,
         "patient": None if entry.get("patient") is None else str(entry["patient"]),
     }
+    if task == MULTITASK:
+        case["class"] = _image_class(entry.get("class"), source, where, index, images[0])
+    if task == ENHANCEMENT:
+        target = entry.get("target")
+        if where == "training" and target is None:
+            raise DatasetError(f"{source}: {where}[{index}] ({images[0]}) has no 'target' (the clean image)")
+        case["target"] = None if target is None else _resolve(source, target, where, index)
+    return case
+
+
+def _image_class(value: Any, source: Path, where: str, index: int, image: str) -> int | None:
+    """A multitask case's image-level class index (required in the training list)."""
+    if value is None:
+        if where == "training":
+            raise DatasetError(f"{source}: {where}[{index}] ({image}) has no 'class' (the image-level class index)")
+        return None
+    if not _is_int(value):
+        raise DatasetError(f"{source}: {where}[{index}] ({image}) class {value!r} is not a class index")
+    return int(value)
 
 
 def _resolve(source: Path, path: Any, where: str, index: int) -> str:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from medseg.data.augment import augment_collated, augmentation_transforms
 from medseg.data.checks import assert_dataset_ok
-from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
+from medseg.data.datalist import CLASSIFICATION, ENHANCEMENT, MULTITASK, DatasetSpec, load_dataset
 from medseg.data.io import DEFAULT_MAX_VOXELS
 from medseg.data.sampling import (
     EpochSampler,
@@ -27,7 +27,13 @@ from medseg.data.sampling import (
     shard,
     share_random_state,
 )
-from medseg.data.transforms import Preprocessing, keys_for, patch_sampling_transforms, preprocess_transforms
+from medseg.data.transforms import (
+    Preprocessing,
+    keys_for,
+    paired_patch_transforms,
+    patch_sampling_transforms,
+    preprocess_transforms,
+)
 from medseg.errors import ConfigError
 
 CACHE_MODES = ("none", "memory", "disk")
@@ -35,13 +41,15 @@ LOADERS = ("process", "thread")
 
 
 class MedSegDataModule(pl.LightningDataModule):
-    """Segmentation or classification data from a Decathlon-style ``dataset.json`` (or a CSV).
+    """Segmentation, classification, multitask or enhancement data from a Decathlon-style ``dataset.json`` (or a
+    CSV); see :mod:`medseg.data.datalist`.
 
     Args:
         root: dataset folder (holding ``dataset.json``/``dataset.csv``) or the description file.
         spatial_dims: 2 or 3.
-        patch_size: segmentation: training patch and sliding-window roi; classification: the input size
-            every image is resized to (unless ``preprocessing.resize`` says otherwise).
+        patch_size: segmentation, multitask and enhancement: training patch and sliding-window roi;
+            classification: the input size every image is resized to (unless ``preprocessing.resize`` says
+            otherwise).
         batch_size: training batch size; for segmentation the number of volumes per step, each giving
             ``samples_per_volume`` patches (so a step sees ``batch_size * samples_per_volume`` patches).
         samples_per_volume: random patches drawn per loaded volume (segmentation).
@@ -112,8 +120,11 @@ class MedSegDataModule(pl.LightningDataModule):
         if len(self.patch_size) != spatial_dims:
             raise ValueError(f"patch_size {self.patch_size} needs {spatial_dims} values")
         prep = Preprocessing.from_dict(preprocessing)
-        if not self.is_segmentation and prep.resize is None:
+        if self.task == CLASSIFICATION and prep.resize is None:
             prep.resize = list(self.patch_size)
+        if self.task == ENHANCEMENT and augmentation:
+            raise ConfigError(f"{self.spec.source}: an enhancement dataset trains without augmentation for now "
+                              f"(the config asks for {sorted(augmentation)}); set data.augmentation: null")
         self.preprocessing = prep
         if augmentation and "rotate90" in augmentation:
             square = self.patch_size if self.is_segmentation else prep.resize
@@ -130,7 +141,8 @@ class MedSegDataModule(pl.LightningDataModule):
     # Values the model needs, linked in the CLI (stated once, in the data config).
     @property
     def is_segmentation(self) -> bool:
-        return self.spec.task == SEGMENTATION
+        """Whether training takes random patches and validation whole images (every task but classification)."""
+        return self.spec.task != CLASSIFICATION
 
     @property
     def spatial_dims(self) -> int:
@@ -164,6 +176,21 @@ class MedSegDataModule(pl.LightningDataModule):
         return list(self.spec.region_order) if self.spec.region_order else None
 
     @property
+    def class_names(self) -> list[str] | None:
+        """Multitask datasets: the image-level class names (the classification head's outputs)."""
+        return self.spec.class_names
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether every case has a label map (enhancement: the label-conditioned generator needs them)."""
+        return all(isinstance(case["label"], str) for case in self.spec.training)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys of the case dicts holding images (an enhancement dataset's label maps when all have one)."""
+        return keys_for(self.task, with_label=self.task == ENHANCEMENT and self.has_labels)
+
+    @property
     def roi_size(self) -> list[int]:
         """Sliding-window roi (segmentation) or network input size (classification)."""
         return list(self.patch_size) if self.is_segmentation else list(self.preprocessing.resize)
@@ -175,9 +202,11 @@ class MedSegDataModule(pl.LightningDataModule):
     def transforms(self, train: bool) -> mt.Compose:
         """The transform chain of training (random patches + augmentation) or evaluation (whole images)."""
         dims = self.hparams.spatial_dims
-        chain = preprocess_transforms(self.preprocessing, self.task, dims)
+        chain = preprocess_transforms(self.preprocessing, self.task, dims, self.keys)
         if train:
-            if self.is_segmentation:
+            if self.task == ENHANCEMENT:
+                chain += paired_patch_transforms(self.keys, self.patch_size, self.hparams.samples_per_volume)
+            elif self.is_segmentation:
                 chain += patch_sampling_transforms(
                     self.patch_size, self.hparams.pos_fraction, self.hparams.samples_per_volume
                 )
@@ -185,7 +214,7 @@ class MedSegDataModule(pl.LightningDataModule):
                 chain += augmentation_transforms(self.hparams.augmentation, self.task, dims, self.seed)
         # Batches carry plain tensors: per-case metadata (affines, file names) differs between cases and the
         # training loop does not need it; prediction keeps it (medseg.inference.native).
-        chain.append(mt.EnsureTyped(keys=keys_for(self.task), track_meta=False))
+        chain.append(mt.EnsureTyped(keys=self.keys, track_meta=False))
         return mt.Compose(chain)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -207,7 +236,7 @@ class MedSegDataModule(pl.LightningDataModule):
             transform = mt.Compose(augmentation_transforms(spec, self.task, dims, self.seed))
             self._device_augmentation = (transform, share_random_state(transform))
         transform, stream = self._device_augmentation
-        return augment_collated(transform, stream, batch, keys_for(self.task), self.seed, epoch)
+        return augment_collated(transform, stream, batch, self.keys, self.seed, epoch)
 
     def setup(self, stage: str | None = None) -> None:
         """Check the data once (before any training), then build this process's share of the datasets
@@ -295,7 +324,7 @@ class MedSegDataModule(pl.LightningDataModule):
         """A cache folder per preprocessing setting: PersistentDataset keys its files on the case dict only,
         so a run with other preprocessing must not find (and silently reuse) another run's tensors."""
         settings = {
-            "task": self.task, "dims": self.spatial_dims, "preprocessing": self.preprocessing_spec,
+            "task": self.task, "keys": self.keys, "dims": self.spatial_dims, "preprocessing": self.preprocessing_spec,
             "patch": self.patch_size if train else None,
         }
         digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -303,7 +332,14 @@ class MedSegDataModule(pl.LightningDataModule):
 
     def _item(self, case: dict[str, Any]) -> dict[str, Any]:
         image = case["image"] if len(case["image"]) > 1 else case["image"][0]
-        return {"id": case["id"], "image": image, "label": case["label"]}
+        item = {"id": case["id"], "image": image, "label": case["label"]}
+        if self.task == MULTITASK:
+            item["class"] = case["class"]
+        if self.task == ENHANCEMENT:
+            item["target"] = case["target"]
+            if not self.has_labels:
+                del item["label"]
+        return item
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._datasets["train"]

@@ -80,9 +80,21 @@ class Preprocessing:
         return out
 
 
-def keys_for(task: str) -> tuple[str, ...]:
-    """Dictionary keys that hold images: ``("image", "label")`` for segmentation, ``("image",)`` otherwise."""
-    return ("image", "label") if task == "segmentation" else ("image",)
+def keys_for(task: str, with_label: bool = False) -> tuple[str, ...]:
+    """Dictionary keys that hold images: ``("image", "label")`` for segmentation and multitask, ``("image",
+    "target")`` for enhancement (plus ``"label"`` when ``with_label``: a label-conditioned generator),
+    ``("image",)`` for classification."""
+    if task in ("segmentation", "multitask"):
+        return ("image", "label")
+    if task == "enhancement":
+        return ("image", "target", "label") if with_label else ("image", "target")
+    return ("image",)
+
+
+def interpolation_modes(keys: tuple[str, ...], image: str, label: str) -> tuple[str, ...]:
+    """One interpolation mode per key: ``label`` (nearest: labels are never interpolated) for a label map,
+    ``image`` for images and enhancement targets."""
+    return tuple(label if key == "label" else image for key in keys)
 
 
 def preprocess_transforms(
@@ -100,7 +112,7 @@ def preprocess_transforms(
         Invertible MONAI transforms taking a case dict with file paths to tensors ``(C, *spatial)``.
     """
     keys = keys or keys_for(task)
-    image_modes = ("bilinear", "nearest")[: len(keys)]
+    image_modes = interpolation_modes(keys, "bilinear", "nearest")
     load = mt.LoadImaged(keys=keys, image_only=True, ensure_channel_first=True)
     # Registered last, so tried first; it claims only DICOM series folders, and files are still matched to
     # MONAI's readers by their suffix (passing reader= would make MONAI try every reader on every file). Like
@@ -120,7 +132,8 @@ def preprocess_transforms(
     if spec.resize:
         if len(spec.resize) != spatial_dims:
             raise ValueError(f"preprocessing.resize {spec.resize} needs {spatial_dims} values")
-        out.append(mt.Resized(keys=keys, spatial_size=spec.resize, mode=("area", "nearest-exact")[: len(keys)]))
+        modes = interpolation_modes(keys, "area", "nearest-exact")
+        out.append(mt.Resized(keys=keys, spatial_size=spec.resize, mode=modes))
     out.append(mt.EnsureTyped(keys="image", dtype="float32"))
     return out
 
@@ -226,6 +239,16 @@ def zscore_nonzero_(channel: torch.Tensor) -> torch.Tensor:
         zero = view == 0
         view.sub_(mean).div_(std).masked_fill_(zero, 0.0)
     return channel
+
+
+def paired_patch_transforms(keys: tuple[str, ...], patch_size: list[int], samples_per_volume: int
+                            ) -> list[mt.Transform]:
+    """Random training patches taken at the same place from every key (enhancement: image, target, label)."""
+    return [
+        mt.SpatialPadd(keys=keys, spatial_size=patch_size),
+        mt.RandSpatialCropSamplesd(keys=keys, roi_size=patch_size, num_samples=samples_per_volume,
+                                   random_size=False),
+    ]
 
 
 def patch_sampling_transforms(

@@ -89,6 +89,9 @@ def export_model(
     models = [load_model(path) for path in checkpoints]
     check_compatible(models, list(checkpoints))
     first = models[0]
+    if first.task not in ("segmentation", "classification"):
+        raise ValueError(f"{checkpoints[0]}: a {first.task} model cannot be exported yet (its network has more "
+                         "than one output, or its prediction is not a label map); predict with medseg predict --ckpt")
     flips = flip_sets(first.hparams["spatial_dims"], tta_axes) if tta else [()]
     steps = _postprocessing(postprocess)
     temperature = checked_temperature(str(calibration), first) if calibration else None

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.datalist import SEGMENTATION, DatasetSpec, load_dataset
+from medseg.data.datalist import CLASSIFICATION, SEGMENTATION, DatasetSpec, load_dataset
 from medseg.data.io import atomic_path, read_image, spacing_from_affine, write_csv
 from medseg.evaluation.evaluate import evaluate_segmentation
 from medseg.evaluation.postprocess_choice import Case, choose_postprocessing
@@ -57,7 +57,12 @@ def dataset_of(configs: str | Path | list[str | Path], overrides: list[str]) -> 
     root = resolved_data(args).get("root")
     if not root:
         raise ValueError(f"{configs[0]}: no data.root (give --data.root DIR)")
-    return load_dataset(root)
+    spec = load_dataset(root)
+    if spec.task not in (SEGMENTATION, CLASSIFICATION):
+        raise ValueError(f"{spec.source}: cross-validation and benchmarks run on segmentation and classification "
+                         f"datasets; a {spec.task} dataset trains with `medseg fit` and is scored with "
+                         "`medseg evaluate`")
+    return spec
 
 
 def predict_device(trainer: Any) -> str:

@@ -321,7 +321,8 @@ def _nan_to_none(value: Any) -> Any:
     return value
 
 
-def evaluate_classification(predictions: str | Path, truth: str | Path, output: str | Path) -> dict[str, Any]:
+def evaluate_classification(predictions: str | Path, truth: str | Path, output: str | Path,
+                            patient_aggregate: str | None = None) -> dict[str, Any]:
     """Score ``predictions.csv`` (from ``medseg predict``) against the dataset's class labels.
 
     Writes ``summary.json``/``summary.csv`` (every metric of :func:`classification_metrics`), ``roc.png``,

@@ -285,7 +285,13 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
     seg_source = check_seg_source(case["image"], first.task, options.max_voxels) \
         if options.output_format == "dicom-seg" else None
     temperature = _temperature(options, first)
-    if first.task != "segmentation":
+    if first.task == "enhancement":
+        from medseg.inference.enhance import enhance_job
+
+        return enhance_job(prepared, groups, flips, options)
+    # A multitask model's image-level classes, before `segment` frees the preprocessed image.
+    class_row = _class_row(prepared, groups, flips, options, first) if first.task == "multitask" else {}
+    if first.task == "classification":
         members = classify(prepared, groups, flips, options.device, options.precision)
         probabilities, label = combine([m.reshape(-1, 1) for m in members], options.ensemble)
         if temperature != 1.0:
@@ -313,7 +319,7 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
             maps.labels = apply_postprocessing(maps.labels, spacing_from_affine(affine, maps.labels.ndim),
                                                options.postprocess)
         if table is not None:  # the row before the label map: a case with a label map always has its row
-            table.append({"case": case["id"], "doubt": maps.doubt, "members": maps.members})
+            table.append({"case": case["id"], **class_row, "doubt": maps.doubt, "members": maps.members})
         files = CaseFiles.of(case["id"], options.output)
         if seg_source is not None:  # before the label map, whose presence marks the case complete
             write_dicom_seg(maps.labels, seg_source, first.outputs.structures, files.dicom_seg, first.outputs.regions,
@@ -321,6 +327,14 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
         write_case_maps(files, maps, affine, names, first.outputs.regions)
 
     return write
+
+
+def _class_row(prepared: PreparedCase, groups: list, flips: list[tuple[int, ...]], options: PredictOptions,
+               first: LoadedModel) -> dict[str, Any]:
+    """A multitask case's ``prediction`` and ``p_<class>`` columns (:mod:`medseg.inference.multitask`)."""
+    from medseg.inference.multitask import class_row
+
+    return class_row(prepared, groups, flips, options, first)
 
 
 def _temperature(options: PredictOptions, first: LoadedModel) -> float:

@@ -14,9 +14,9 @@ from medseg.inference.writers import CaseFiles, RowTable
 
 
 def case_table(task: str, options: Any) -> RowTable | None:
-    """The table this run grows: ``predictions.csv`` (classification), ``uncertainty.csv`` (segmentation with
-    ``--save-uncertainty``), or none."""
-    if task == "classification":
+    """The table this run grows: ``predictions.csv`` (classification, and the image-level classes of a
+    multitask model), ``uncertainty.csv`` (segmentation with ``--save-uncertainty``), or none."""
+    if task in ("classification", "multitask"):
         return RowTable(options.output / "predictions.csv")
     return RowTable(options.output / "uncertainty.csv") if options.save_uncertainty else None
 
@@ -55,7 +55,7 @@ def finish_table(table: RowTable | None, task: str, cases: list[dict[str, Any]],
     first."""
     if table is None:
         return
-    if task == "classification":
+    if task in ("classification", "multitask"):
         order = {case["id"]: i for i, case in enumerate(cases)}
         table.rewrite(keep=lambda row: row["case"] not in failed, order=lambda row: order.get(row["case"], len(order)))
     else:

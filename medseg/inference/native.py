@@ -41,7 +41,7 @@ class LoadedModel:
     Attributes:
         net: the network in eval mode.
         hparams: the module's saved hyperparameters (plain data).
-        task: ``"segmentation"`` or ``"classification"``.
+        task: ``"segmentation"``, ``"classification"``, ``"multitask"`` or ``"enhancement"``.
         precision: the trainer precision the checkpoint was trained and validated at (``"32-true"``,
             ``"16-mixed"``, ``"bf16-mixed"``, ...), or ``None`` when the checkpoint does not say.
     """
@@ -98,13 +98,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     problem = source_problem(hparams["network"], ckpt.get("medseg_network_source"))
     if problem:  # a network from a package that is not installed here
         raise ValueError(f"{path}: {problem}")
-    net = create_model(
-        hparams["network"], hparams["spatial_dims"], hparams["in_channels"], hparams["num_classes"],
-        **(hparams.get("network_args") or {}),
-    )
+    net = create_model(hparams["network"], hparams["spatial_dims"], *network_channels(hparams),
+                       **(hparams.get("network_args") or {}))
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state)
     return LoadedModel(net.to(device).eval(), hparams, task, ckpt.get("medseg_precision"))
+
+
+def network_channels(hparams: dict[str, Any]) -> tuple[int, int]:
+    """The network's input and output channels: ``network_channels`` when the module saved them (an
+    enhancement generator maps an image or a one-hot label map to an image), else the data's input channels and
+    classes."""
+    channels = hparams.get("network_channels")
+    if channels:
+        return int(channels[0]), int(channels[1])
+    return int(hparams["in_channels"]), int(hparams["num_classes"])
 
 
 def preprocess_for(model: LoadedModel, nonfinite: str = "fail") -> mt.Compose:

@@ -57,7 +57,7 @@ def group_models(models: Sequence[LoadedModel], nonfinite: str = "fail") -> list
     (``fail`` or ``zero``) is what their preprocessing does with NaN/Inf voxels (:class:`FiniteVoxels`)."""
     groups: dict[tuple[str, Any], ModelGroup] = {}
     for model in models:
-        window = model.window if model.task == "segmentation" else None
+        window = model.window if model.task != "classification" else None
         key = (model.preprocessing_key, window, model.precision)
         if key not in groups:
             groups[key] = ModelGroup([], preprocess_for(model, nonfinite))

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-TASKS: tuple[str, ...] = ("segmentation", "classification")
+TASKS: tuple[str, ...] = ("segmentation", "classification", "multitask")
 ACTIVATIONS: tuple[str, ...] = ("relu", "leakyrelu", "prelu", "elu", "gelu", "selu", "swish", "mish")
 NORMS: tuple[str, ...] = ("batch", "instance", "group")
 
@@ -46,7 +46,9 @@ class ModelSpec:
 
     Attributes:
         name: Registry name (lower case), e.g. ``"unet"``.
-        task: ``"segmentation"`` (output ``(B, C, *spatial)``) or ``"classification"`` (output ``(B, C)``).
+        task: ``"segmentation"`` (output ``(B, C, *spatial)``), ``"classification"`` (output ``(B, C)``) or
+            ``"multitask"`` (``forward`` gives segmentation logits ``(B, C, *spatial)``; see
+            :mod:`medseg.models.multitask` for the image-level class head).
         builder: ``builder(spatial_dims, in_channels, out_channels, **options) -> nn.Module``; its keyword-only
             parameters are the accepted options.
         encoder: ``encoder(net) -> list[nn.Module]``: the submodules of a built network that form its encoder

@@ -28,8 +28,8 @@ class ClassificationModule(MedSegModule):
         in_channels: input channels (linked from the data).
         num_classes: number of classes (linked from the data).
         label_names: class names, index order (linked from the data; saved for prediction).
-        regions, region_order: linked from the data for every model; regions are for segmentation, so
-            anything but ``None`` is refused.
+        regions, region_order, class_names: linked from the data for every model; regions are for segmentation
+            and image-level classes beside label maps for multitask models, so anything but ``None`` is refused.
         loss: loss name (``ce``, ``focal``, ``bce``).
         loss_args: loss options (class_weights, gamma, ...).
         optimizer: optimiser factory, ``class_path``/``init_args`` in YAML.
@@ -57,6 +57,7 @@ class ClassificationModule(MedSegModule):
         label_names: list[str] | None = None,
         regions: list[list[int]] | None = None,
         region_order: list[int] | None = None,
+        class_names: list[str] | None = None,
         loss: str = "ce",
         loss_args: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -72,7 +73,10 @@ class ClassificationModule(MedSegModule):
         super().__init__()
         if regions or region_order:
             raise ValueError("regions are for segmentation; a classification dataset cannot declare them")
-        self.save_hyperparameters(ignore=list(NOT_SAVED + ("regions", "region_order")))
+        if class_names:
+            raise ValueError("image-level 'classes' beside label maps are for multitask models "
+                             "(medseg.tasks.multitask.MultiTaskModule)")
+        self.save_hyperparameters(ignore=list(NOT_SAVED + ("regions", "region_order", "class_names")))
         self._build(
             network, network_args, spatial_dims, in_channels, num_classes, loss, loss_args,
             optimizer, scheduler, pretrained, freeze_encoder,

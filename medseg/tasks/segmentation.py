@@ -31,6 +31,8 @@ class SegmentationModule(MedSegModule):
         regions: region-based training (linked from the data's ``regions``): the label values of each region,
             one output channel each, trained with a sigmoid loss on region targets.
         region_order: the label value each region writes when a label map is rebuilt, in order.
+        class_names: linked from the data for every model: a multitask dataset's image-level classes, which a
+            segmentation model refuses (use :class:`~medseg.tasks.multitask.MultiTaskModule`).
         loss: loss name (``medseg.losses.list_losses()``).
         loss_args: loss options (activation, class_weights, ...).
         optimizer: optimiser factory, ``class_path``/``init_args`` in YAML.
@@ -63,6 +65,7 @@ class SegmentationModule(MedSegModule):
         label_names: list[str] | None = None,
         regions: list[list[int]] | None = None,
         region_order: list[int] | None = None,
+        class_names: list[str] | None = None,
         loss: str = "dice_ce",
         loss_args: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -79,6 +82,9 @@ class SegmentationModule(MedSegModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if class_names and self.TASK == "segmentation":
+            raise ValueError("this dataset has image-level 'classes': train it with "
+                             "medseg.tasks.multitask.MultiTaskModule, or drop 'classes' to segment only")
         self.save_hyperparameters(ignore=list(NOT_SAVED))
         self._build(
             network, network_args, spatial_dims, in_channels, num_classes, loss, loss_args,
