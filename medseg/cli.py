@@ -23,6 +23,7 @@ COMMANDS = {
     "predict": "predict:run", "cv": "cv:run", "benchmark": "benchmark:run", "evaluate": "evaluate:run",
     "demo": "demo:run", "make-synthetic": "data:make_synthetic", "check-data": "data:check_data", "plan": "plan:run",
     "export": "export:run", "serve": "serve:run", "ab-report": "ab_report:run", "models": "models:run",
+    "synthesize": "synthesize:run",
 }
 VERBOSE = "--verbose"
 USAGE = """usage: medseg [--verbose] COMMAND [options]
@@ -40,6 +41,7 @@ commands:
   check-data      read every case of a dataset and report every problem
   plan            derive a commented training config from a dataset's fingerprint
   models          list the networks a config can name: source, task, dimensions, parameter counts
+  synthesize      new training pairs (image + label map) from a label-conditioned generator
   export          one self-contained model folder: TorchScript/ONNX networks, spec JSON, MONAI bundle
   serve           an HTTP service for exported models: /predict, A/B split, /metrics, a viewer at /
   ab-report       compare the two arms of a served A/B test from its request log

@@ -70,11 +70,32 @@ def cls2d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mtl2d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2D multitask (a lesion label map and a benign/malignant class per case), 8 cases of 48x48."""
+    from medseg.data.synthetic_multitask import make_multitask
+
+    root = tmp_path_factory.mktemp("mtl2d")
+    make_multitask(root, dims=2, cases=8, seed=7, size=(48, 48))
+    return root
+
+
+@pytest.fixture(scope="session")
+def enh2d_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2D ultrasound enhancement pairs (degraded image, clean target, lesion label map), 6 cases of 64x64."""
+    from medseg.data.synthetic_enhance import make_enhancement
+
+    root = tmp_path_factory.mktemp("enh2d")
+    make_enhancement(root, dims=2, cases=6, seed=8, test_cases=2)
+    return root
+
+
+@pytest.fixture(scope="session")
 def roots(seg3d_root: Path, seg2d_root: Path, cls3d_root: Path, cls2d_root: Path,
-          seg3d_regions_root: Path) -> dict[str, Path]:
-    """Dataset root by config prefix (seg2d, seg3d, cls2d, cls3d; seg3d_regions for region configs)."""
+          seg3d_regions_root: Path, mtl2d_root: Path, enh2d_root: Path) -> dict[str, Path]:
+    """Dataset root by config prefix (seg2d, seg3d, cls2d, cls3d, mtl2d, enh2d; seg3d_regions for region
+    configs)."""
     return {"seg3d": seg3d_root, "seg2d": seg2d_root, "cls3d": cls3d_root, "cls2d": cls2d_root,
-            "seg3d_regions": seg3d_regions_root}
+            "seg3d_regions": seg3d_regions_root, "mtl2d": mtl2d_root, "enh2d": enh2d_root}
 
 
 def _one_epoch_checkpoint(config: str, root: Path, out: Path, *extra: str) -> Path:

@@ -35,9 +35,11 @@ def test_config_runs_one_step(config: Path, roots: dict[str, Path], tmp_path: Pa
     assert model.hparams.num_classes == data.num_classes
     assert model.hparams.label_names == data.label_names
     assert model.hparams.roi_size == data.patch_size
-    assert cli.trainer.global_step == 1  # one optimiser step ran
-    loss = cli.trainer.callback_metrics["train/loss_step"]
+    enhancement = data.task == "enhancement"  # a GAN: one discriminator and one generator step per batch
+    assert cli.trainer.global_step == (2 if enhancement else 1)  # one optimiser step ran (each optimiser's)
+    loss = cli.trainer.callback_metrics["train/loss_g" if enhancement else "train/loss_step"]
     assert torch.isfinite(loss)
-    assert ("val/dice" if data.is_segmentation else "val/acc") in cli.trainer.callback_metrics
+    metric = "val/psnr" if enhancement else "val/dice" if data.is_segmentation else "val/acc"
+    assert metric in cli.trainer.callback_metrics
     if data.regions:
         assert model.hparams.regions == data.regions and "val/dice_region3" in cli.trainer.callback_metrics

@@ -54,16 +54,17 @@ def n_params(net: nn.Module) -> int:
 
 
 def expected_shape(name: str, x: torch.Tensor, out_channels: int) -> tuple[int, ...]:
-    if model_task(name) == "segmentation":
+    if model_task(name) in ("segmentation", "multitask"):  # a multitask network's forward segments
         return (x.shape[0], out_channels, *x.shape[2:])
     return (x.shape[0], out_channels)
 
 
 def test_registry_lists_models_by_task() -> None:
-    seg, cls = list_models("segmentation"), list_models("classification")
+    seg, cls, mtl = list_models("segmentation"), list_models("classification"), list_models("multitask")
     assert {"unet", "unetpp", "attention_unet", "planned_unet"} <= set(seg)
     assert {"cnn3d", "resnet18", "resnet34", "resnet50"} <= set(cls)
-    assert sorted(seg + cls) == MODELS
+    assert "multitask_unet" in mtl
+    assert sorted(seg + cls + mtl) == MODELS
     assert all(model_task(n) == "segmentation" for n in seg)
     with pytest.raises(ValueError, match="Valid tasks"):
         list_models("detection")
@@ -93,6 +94,10 @@ def test_forward_backward(name: str, spatial_dims: int, in_channels: int) -> Non
     assert isinstance(y, torch.Tensor)
     assert tuple(y.shape) == expected_shape(name, x, 3)
     assert torch.isfinite(y).all()
+    if model_task(name) == "multitask":  # the class head is not on forward's path: train both outputs
+        y, classes = net.forward_with_class(x)
+        assert tuple(classes.shape) == (x.shape[0], 2) and torch.isfinite(classes).all()
+        y = torch.cat([y.flatten(), classes.flatten()])
     y.float().pow(2).mean().backward()
     for pname, param in net.named_parameters():
         assert param.grad is not None, f"{name}: no gradient for {pname}"

@@ -57,7 +57,8 @@ def run(argv: list[str]) -> int:
                 pred, args.truth, args.output, args.nsd_tolerance, rules, classes=args.labels,
                 max_voxels=args.max_voxels, probabilities=args.probabilities,
                 patient_aggregate=args.patient_aggregate), args.output)
-        if pred.suffix == ".csv" or (pred / "predictions.csv").is_file():
+        # A folder with predictions.csv and label maps (a multitask model's) is scored as the truth asks.
+        if pred.suffix == ".csv" or (task == "classification" and (pred / "predictions.csv").is_file()):
             summary = evaluate_classification(pred, args.truth, args.output, patient_aggregate=args.patient_aggregate)
             return _report_classification(summary, args.output)
         if args.patient_aggregate:
@@ -112,6 +113,10 @@ def labels(text: str) -> list[int]:
 def _report_classification(summary: dict, output: str) -> int:
     print(f"{summary['cases']} case(s): accuracy {summary['accuracy']:.4f}, AUC {summary['auc']:.4f}, "
           f"macro F1 {summary['f1_macro']:.4f}, ECE {summary['ece']:.4f}; tables and plots in {output}")
+    if summary.get("patients"):
+        from medseg.evaluation.patients import patient_line
+
+        print(patient_line(summary["patients"], "patients.csv"))
     for key in ("missing_predictions", "unmatched_predictions"):
         if summary[key]:
             print(f"  {key.replace('_', ' ')}: {', '.join(summary[key])}", file=sys.stderr)

@@ -23,7 +23,7 @@ from medseg.evaluation import ab_render, ab_stats, report
 from medseg.evaluation import report_format as fmt
 from medseg.evaluation.ab_log import ABLog, Measure, read_log
 from medseg.evaluation.ab_truth import TruthScores, load_truth, score_log
-from medseg.evaluation.evaluate import _nan_to_none
+from medseg.evaluation.evaluate import nan_to_none
 from medseg.metrics.conventions import EmptyMaskRules
 
 TRUTH_METRICS = ("dice", "hd95")  # compared per structure when reference labels are given
@@ -75,7 +75,7 @@ def ab_report(log_path: str | Path, out: str | Path | None = None, truth: str | 
         write_csv(out / "ab_cases.csv", scores.rows,
                   ["request", "case", "patient", "model", "structure", *scores.metrics])
     with atomic_path(out / "ab_summary.json") as tmp, open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(_nan_to_none(summary), handle, indent=2, ensure_ascii=False)
+        json.dump(nan_to_none(summary), handle, indent=2, ensure_ascii=False)
     page, markdown = report.render("ab", ab_render.context(summary, comparisons))
     for name, text in (("ab_report.md", markdown), ("ab_report.html", page)):
         with atomic_path(out / name) as tmp:

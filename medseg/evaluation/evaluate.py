@@ -109,7 +109,7 @@ def evaluate_segmentation(
     classes = classes or declared
     regions = regions or declared_regions
     names = names or declared_names or {}
-    predictions = {case_id(p): str(p) for p in pred.glob("*") if is_image_file(p) and not p.name.startswith(".")}
+    predictions = prediction_files(pred)
     matched = sorted(set(references) & set(predictions))
     calibration = _calibration(pred, probabilities, matched, classes, regions)
     calibrated: dict[tuple[str, Any], dict[str, float]] = {}
@@ -165,12 +165,17 @@ def evaluate_segmentation(
     write_csv(output / "per_case.csv", rows, ["case", "class", "name", *metrics])
     write_csv(output / "summary.csv", _summary_rows(summary), ["class", "name", "metric", *SUMMARY_STATS])
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
-        json.dump(_nan_to_none(summary), handle, indent=2)
+        json.dump(nan_to_none(summary), handle, indent=2)
     return summary
 
 
 class GridMismatch(InputError):
     """A prediction that does not lie on its reference's grid (shape or affine)."""
+
+
+def prediction_files(pred: str | Path) -> dict[str, str]:
+    """The label maps of a prediction folder by case id (every image file but hidden ones)."""
+    return {case_id(p): str(p) for p in Path(pred).glob("*") if is_image_file(p) and not p.name.startswith(".")}
 
 
 def read_on_one_grid(prediction_file: str | Path, reference_file: str | Path,
@@ -310,12 +315,12 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _nan_to_none(value: Any) -> Any:
+def nan_to_none(value: Any) -> Any:
     """NaN is not JSON: it becomes ``null``."""
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {k: nan_to_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
+        return [nan_to_none(v) for v in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
@@ -327,17 +332,38 @@ def evaluate_classification(predictions: str | Path, truth: str | Path, output: 
 
     Writes ``summary.json``/``summary.csv`` (every metric of :func:`classification_metrics`), ``roc.png``,
     ``reliability.png`` and ``confusion.png``. Cases on one side only are listed in the summary.
+    ``patient_aggregate`` (``mean`` or ``max``, :mod:`medseg.evaluation.patients`) also scores the patients of
+    the dataset's ``patient`` ids into ``summary["patients"]`` and ``patients.csv``.
     """
+    spec = load_dataset(truth)
+    cases = spec.training + spec.test
+    labels = {c["id"]: c["label"] for c in cases if c["label"] is not None}
+    check_class_indices(labels, spec.label_names, spec.source, "label")
+    return score_classes(predictions, labels, spec.label_names, output, {c["id"]: c["patient"] for c in cases},
+                         patient_aggregate)
+
+
+def check_class_indices(labels: dict[str, int], names: list[str], source: str | Path, key: str) -> None:
+    """Refuse, naming ``source`` and the first such case, a class index outside ``0 .. len(names) - 1``."""
+    wrong = sorted(case for case, value in labels.items() if not 0 <= value < len(names))
+    if wrong:
+        raise ValueError(f"{source}: case {wrong[0]!r} has {key} {labels[wrong[0]]}, not one of the {len(names)} "
+                         f"declared classes (0..{len(names) - 1}: {names})"
+                         + (f"; {len(wrong) - 1} more case(s) too" if len(wrong) > 1 else ""))
+
+
+def score_classes(predictions: str | Path, labels: dict[str, int], names: list[str], output: str | Path,
+                  patients: dict[str, str | None] | None = None,
+                  patient_aggregate: str | None = None) -> dict[str, Any]:
+    """:func:`evaluate_classification` on a truth already read: ``labels`` (case id -> class index) of the
+    classes ``names``, and each case's patient id (``patients``) for ``patient_aggregate``."""
     from medseg.evaluation.plots import confusion_png, reliability_png, roc_png
     from medseg.metrics.classification import classification_metrics
 
     predictions, output = Path(predictions), Path(output)
     table = predictions / "predictions.csv" if predictions.is_dir() else predictions
-    spec = load_dataset(truth)
-    labels = {c["id"]: c["label"] for c in spec.training + spec.test if c["label"] is not None}
     with table.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    names = spec.label_names
     missing_columns = [f"p_{n}" for n in names if f"p_{n}" not in (rows[0] if rows else {})]
     if missing_columns:
         raise ValueError(f"{table}: no column(s) {missing_columns} for the dataset's classes")
@@ -349,8 +375,13 @@ def evaluate_classification(predictions: str | Path, truth: str | Path, output: 
     summary["missing_predictions"] = sorted(set(labels) - {r["case"] for r in rows})
     summary["unmatched_predictions"] = sorted({r["case"] for r in rows} - set(labels))
     output.mkdir(parents=True, exist_ok=True)
+    if patient_aggregate:
+        from medseg.evaluation.patients import score_patients
+
+        summary["patients"] = score_patients([r["case"] for r in matched], probabilities, labels, patients or {},
+                                             names, patient_aggregate, output / "patients.csv")
     with atomic_path(output / "summary.json") as tmp, open(tmp, "w") as handle:
-        json.dump(_nan_to_none(summary), handle, indent=2)
+        json.dump(nan_to_none(summary), handle, indent=2)
     scalar = [{"metric": k, "value": v} for k, v in summary.items() if isinstance(v, (int, float))]
     write_csv(output / "summary.csv", scalar, ["metric", "value"])
     roc_png(y_true, probabilities, names, output / "roc.png")

@@ -127,6 +127,14 @@ def predict_batch(
     """
     models = load_sources(checkpoints, options.runtime)  # on the CPU: checked once, before any case
     check_compatible(models, checkpoints)
+    if models[0].task == "multitask":
+        from medseg.inference.multitask import check_members
+
+        check_members(models, checkpoints)
+    if models[0].task == "enhancement":  # generators: no label maps, probabilities or label-conditioned ones
+        from medseg.inference.enhance import check_generators
+
+        check_generators(models, checkpoints, options)
     _flips(models[0], options)
     if options.output_format == "dicom-seg" and models[0].task != "segmentation":
         raise ValueError(f"--output-format dicom-seg: a DICOM SEG holds segments, and {checkpoints[0]} is a "

@@ -1,9 +1,10 @@
 """The cases stage of ``medseg predict``: what runs now, what an earlier run finished, which table grows.
 
 Discovery (a folder, a ``dataset.json``, a shard of either) is :mod:`medseg.data.discovery`. Here: a segmentation
-case is finished when its label map and every side file asked for exist; a classification case when
-``predictions.csv`` holds its row. Finished cases are refused without ``--overwrite`` (redo them) or ``--resume``
-(skip them); rows of cases that are not in this run's input are kept and never block it.
+case is finished when its label map and every side file asked for exist (and its ``uncertainty.csv`` row, with
+``--save-uncertainty``); a classification case when ``predictions.csv`` holds its row; a multitask case when it
+has both, its label map and its ``predictions.csv`` row. Finished cases are refused without ``--overwrite`` (redo
+them) or ``--resume`` (skip them); rows of cases that are not in this run's input are kept and never block it.
 """
 
 from __future__ import annotations

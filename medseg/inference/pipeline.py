@@ -170,7 +170,7 @@ def segment(
         stitched = stitch(predictor, x.as_tensor()[None], first.window, layout.size, window_device=device)[0]
         stitched = stitched.cpu()
         if all(later.key != group.key for later in groups[index + 1:]):
-            x = prepared.inputs[group.key] = _record_only(x)  # the voxels are no longer needed: free them
+            x = prepared.inputs[group.key] = record_only(x)  # the voxels are no longer needed: free them
         spare = stitched.numpy() if stitched.is_contiguous() else None  # may become the accumulator
         coverage = _coverage(stitched.shape[1:], x, group) if may_leave_gaps(first) else None
         channel = functools.partial(_invert_from, stitched, x, group.preprocess)
@@ -191,7 +191,7 @@ def _coverage(grid: Sequence[int], reference: Any, group: ModelGroup) -> np.ndar
     return np.clip(covered, 0.0, 1.0, out=covered)
 
 
-def _record_only(image: Any) -> MetaTensor:
+def record_only(image: Any) -> MetaTensor:
     """An empty tensor carrying ``image``'s metadata and applied operations: all that inverting needs."""
     record = MetaTensor(torch.empty(0), meta=dict(image.meta))
     record.applied_operations = image.applied_operations

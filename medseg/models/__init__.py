@@ -7,7 +7,7 @@ The registry is filled here from the explicit model tables of :mod:`medseg.model
 
 from __future__ import annotations
 
-from medseg.models import capsules, classification, inception, monai_nets, segmentation, unet3plus
+from medseg.models import capsules, classification, inception, monai_nets, multitask, segmentation, unet3plus
 from medseg.models.planned_unet import planned_unet_min_size
 from medseg.models.pretrained import freeze_encoder, load_pretrained, unfreeze
 from medseg.models.registry import (
@@ -21,7 +21,7 @@ from medseg.models.registry import (
 )
 
 for _spec in (*segmentation.MODELS, *classification.MODELS, *unet3plus.MODELS, *inception.MODELS, *monai_nets.MODELS,
-              *capsules.MODELS):
+              *capsules.MODELS, *multitask.MODELS):
     register_model(_spec)
 del _spec
 

@@ -184,7 +184,7 @@ def channels_last_format(spatial_dims: int) -> torch.memory_format:
 
 # What must be equal for a checkpoint to continue this model: the network and what its shape depends on.
 MUST_MATCH = ("network", "network_args", "spatial_dims", "in_channels", "num_classes", "label_names", "regions",
-              "region_order")
+              "region_order", "class_names", "condition", "network_channels")
 
 
 def resume_mismatches(checkpoint: dict[str, Any], task: str, hparams: dict[str, Any]) -> list[str]:
