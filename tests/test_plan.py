@@ -195,6 +195,7 @@ def test_dims_that_the_images_do_not_have_are_refused(seg3d: Path) -> None:
         make_plan(fingerprint_dataset(seg3d, progress=False), 2)
 
 
+@pytest.mark.slow  # 25 s of training by design (the planned max_time), and wall-clock bound: the slow set runs it
 def test_a_planned_config_trains_end_to_end(tmp_path: Path) -> None:
     """Plan a small synthetic dataset for 25 s, train the written config as it is (only the device and the run
     folder given), and check it validated on its own and learned."""

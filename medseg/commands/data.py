@@ -13,7 +13,8 @@ def make_synthetic(argv: list[str]) -> int:
     """``medseg make-synthetic ARGS``: write a synthetic Decathlon-style dataset."""
     parser = argparse.ArgumentParser(prog="medseg make-synthetic", description=doc("make-synthetic"))
     parser.add_argument("--out", required=True, help="dataset folder to write")
-    parser.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=None,
+                        help="2 or 3 (default 3; 2 for --task enhance, whose phantoms are 2D)")
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--classes", type=int, default=2, help="classes including background for seg")
     parser.add_argument("--task", choices=("seg", "cls", "multitask", "enhance"), default="seg",
@@ -32,6 +33,8 @@ def make_synthetic(argv: list[str]) -> int:
     parser.add_argument("--structure-scale", type=float, default=1.0,
                         help="factor on the structures' radii, e.g. 0.4 for small lesion-like structures")
     args = parser.parse_args(argv)
+    if args.dims is None:
+        args.dims = 2 if args.task == "enhance" else 3
     if args.regions and args.task != "seg":
         parser.error("--regions is for --task seg")
     if args.task in ("multitask", "enhance"):

@@ -28,6 +28,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--both-empty", default="1", choices=("1", "nan"),
                         help="dice/iou/nsd of a structure absent from both masks: 1 (default), or nan to leave "
                              "such pairs out")
+    parser.add_argument("--data-range", type=float, default=None, metavar="R",
+                        help="enhancement: the intensity range of PSNR and SSIM (default 1 when every target lies in "
+                             "[0, 1], else the targets' max - min; give the training config's data_range to match "
+                             "val/psnr)")
     parser.add_argument("--patient-aggregate", choices=("mean", "max"), default=None,
                         help="classification and multitask: also score per patient (the dataset's 'patient' ids), "
                              "combining each patient's case probabilities by their mean or their maximum")
@@ -48,7 +52,7 @@ def run(argv: list[str]) -> int:
         if task == "enhancement":
             from medseg.evaluation.enhancement import evaluate_enhancement, report_enhancement
 
-            return report_enhancement(evaluate_enhancement(pred, args.truth, args.output,
+            return report_enhancement(evaluate_enhancement(pred, args.truth, args.output, data_range=args.data_range,
                                                            max_voxels=args.max_voxels), args.output)
         if task == "multitask":
             from medseg.evaluation.multitask import evaluate_multitask, report_multitask

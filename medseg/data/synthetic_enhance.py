@@ -1,7 +1,9 @@
 """Synthetic ultrasound-like enhancement pairs (``medseg make-synthetic --task enhance``): a degraded image, its
 clean target and the lesion's label map, 2D only.
 
-Depth runs along the second array axis (the transducer at ``j = 0``); geometry (affine, 0.8 mm spacing, first
+Depth runs along the second array axis: cases are made with the transducer at ``j = 0`` and written with that axis
+reversed (the transducer at the last row), so that a display with the second (anterior) axis up, as medseg's
+figures and viewer show images, has the transducer at the top and the shadows falling downwards; geometry (affine, 0.8 mm spacing, first
 axis flipped) is that of the other 2D phantoms (:func:`medseg.data.synthetic.synthetic_affine`).
 
 Clean target, values in [0, 1]:
@@ -110,7 +112,10 @@ def make_enhancement(out: str | Path, dims: int = 2, cases: int = 8, seed: int =
 def _write_case(root: Path, split: str, index: int, seed: int, size: tuple[int, ...], affine: np.ndarray
                 ) -> dict[str, Any]:
     """Make and write case ``index``; its ``dataset.json`` entry with paths relative to ``root``."""
-    target, image, label = enhancement_case(np.random.default_rng([seed, index]), size)
+    pair = enhancement_case(np.random.default_rng([seed, index]), size)
+    # Written with the depth running towards lower Y: displayed with the Y (anterior) axis up, as medseg's
+    # figures and viewer show images, the transducer is at the top and shadows fall downwards.
+    target, image, label = (np.ascontiguousarray(array[:, ::-1]) for array in pair)
     name = f"case_{index:03d}.nii.gz"
     entry = {"image": f"images{split}/{name}", "target": f"targets{split}/{name}", "label": f"labels{split}/{name}"}
     write_nifti(image, affine, root / entry["image"], dtype=np.float32)

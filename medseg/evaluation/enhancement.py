@@ -79,6 +79,8 @@ def evaluate_enhancement(predictions: str | Path, truth: str | Path, output: str
     multichannel = len(spec.channel_names) > 1  # then the last axis of every image holds the channels
     found = {case_id(p): p for p in predictions.glob("*") if is_image_file(p) and not p.name.startswith(".")}
     matched = sorted(set(references) & set(found))
+    if data_range is not None and not (math.isfinite(data_range) and data_range > 0):
+        raise ValueError(f"--data-range must be a positive number (the targets' intensity range), got {data_range}")
     if data_range is None:
         data_range = target_range([references[c]["target"] for c in sorted(references)], max_voxels)
     rows, shown = [], []

@@ -327,7 +327,8 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
             maps.labels = apply_postprocessing(maps.labels, spacing_from_affine(affine, maps.labels.ndim),
                                                options.postprocess)
         if table is not None:  # the row before the label map: a case with a label map always has its row
-            table.append({"case": case["id"], **class_row, "doubt": maps.doubt, "members": maps.members})
+            doubt = maps.doubt if options.save_uncertainty else ""  # (a multitask row without --save-uncertainty)
+            table.append({"case": case["id"], **class_row, "doubt": doubt, "members": maps.members})
         files = CaseFiles.of(case["id"], options.output)
         if seg_source is not None:  # before the label map, whose presence marks the case complete
             write_dicom_seg(maps.labels, seg_source, first.outputs.structures, files.dicom_seg, first.outputs.regions,

@@ -22,8 +22,9 @@ strategy must find unused parameters (``ddp_find_unused_parameters_true``): each
 
 Validation generates whole images with the sliding window prediction uses (:mod:`medseg.inference.window`: the
 training patch as roi, Gaussian blending) and logs ``val/psnr``, ``val/ssim`` (MONAI, ``data_range``) and ``val/l1``
-against the target, for ``condition: image`` the degraded input's own ``val/psnr_input``, and, when the cases have
-label maps, ``val/psnr_label``: the PSNR over the labelled structures only (a label-conditioned generator can draw
+against the target, for ``condition: image`` with ``intensity: none`` the degraded input's own ``val/psnr_input``
+(with another intensity step the input is in other units than the target, so there is no such baseline), and, when
+the cases have label maps, ``val/psnr_label``: the PSNR over the labelled structures only (a label-conditioned generator can draw
 them, not the unlabelled tissue around them, so this is the metric to choose its checkpoint by). Each is a mean
 over every case of every process. The generated image is in the target's units; the target is never normalised (the
 preprocessing's intensity step acts on the image only), so an image-conditioned generator is simplest with
@@ -220,7 +221,7 @@ class EnhancementModule(MedSegModule):
         target = torch.as_tensor(batch["target"]).float().to(fake.device)
         values = {"psnr": self.psnr(fake, target), "ssim": self.ssim(fake, target),
                   "l1": (fake - target).abs().flatten(1).mean(dim=1)}
-        if self.hparams.condition == "image":
+        if self.hparams.condition == "image" and self._input_in_target_units():
             values["psnr_input"] = self.psnr(torch.as_tensor(batch["image"]).float().to(fake.device), target)
         if batch.get("label") is not None:
             inside = torch.as_tensor(batch["label"]).to(fake.device) > 0
@@ -236,6 +237,11 @@ class EnhancementModule(MedSegModule):
             for case_value in value:
                 metric.update(case_value.to(self.device))
             self.log(f"{stage}/{name}", metric, prog_bar=name == "psnr", on_epoch=True, batch_size=target.shape[0])
+
+    def _input_in_target_units(self) -> bool:
+        """Whether the network's input is the image file as it is (``intensity: none``): only then is the degraded
+        input's own PSNR against the target a baseline (a normalised input is in other units than the target)."""
+        return (self.hparams.preprocessing_spec or {}).get("intensity", "none") == "none"
 
     def _psnr_inside(self, fake: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per case, the PSNR over the voxels of ``mask`` ``(B, 1, *S)`` (every channel); NaN where it is empty."""
