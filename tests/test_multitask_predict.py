@@ -14,7 +14,7 @@ import torch
 
 from medseg.cli import main
 from medseg.data.io import read_image, write_nifti
-from medseg.evaluation.evaluate import evaluate_classification
+from medseg.evaluation.classes import evaluate_classification
 from medseg.evaluation.patients import aggregate
 
 

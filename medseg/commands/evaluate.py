@@ -42,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
 def run(argv: list[str]) -> int:
     """``medseg evaluate ARGS``; exit code 1 when a reference case has no prediction."""
     args = parser().parse_args(argv)
-    from medseg.evaluation.evaluate import evaluate_classification, evaluate_segmentation
+    from medseg.evaluation.classes import evaluate_classification
+    from medseg.evaluation.evaluate import evaluate_segmentation
     from medseg.metrics.conventions import EmptyMaskRules
 
     pred = Path(args.pred)

@@ -44,7 +44,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 
 from medseg.data.datalist import CLASSIFICATION, SEGMENTATION, TASK_ALIASES
-from medseg.data.io import write_nifti
+from medseg.data.io import atomic_path, write_nifti
 
 DEFAULT_SIZE: dict[int, tuple[int, ...]] = {3: (48, 48, 24), 2: (64, 64)}
 DEFAULT_SPACING: dict[int, tuple[float, ...]] = {3: (1.0, 1.0, 2.0), 2: (0.8, 0.8)}
@@ -219,8 +219,14 @@ def make_synthetic(
     if regions:
         meta["regions"] = dict(NESTED_REGIONS)
         meta["regions_class_order"] = [1, 2, 3]
+    return write_description(root, meta)
+
+
+def write_description(root: Path, meta: dict[str, Any]) -> Path:
+    """Write ``meta`` as ``root/dataset.json`` (atomically) and return its path."""
     path = root / "dataset.json"
-    path.write_text(json.dumps(meta, indent=2) + "\n")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
 
@@ -269,13 +275,13 @@ def _write_case(
         hu = [_STRUCTURE_HU[1] + (_STRUCTURE_HU[0] - _STRUCTURE_HU[1]) * target / max(classes - 1, 1)]
     if body is not None:
         rel = f"images{split}/{name}.nii.gz"
-        body_mask = _rasterize(size, np.asarray(spacing, dtype=np.float64), [body]) > 0
+        body_mask = rasterize(size, np.asarray(spacing, dtype=np.float64), [body]) > 0
         write_nifti(_render_ct(rng, label_map, body_mask, np.array(hu)), affine, root / rel, dtype=np.float32)
         return {"image": rel, "label": target}
-    bias = _bias_field(rng, size)
+    bias = bias_field(rng, size)
     files = []
     for c in range(channels):
-        image = _render(rng, label_map, _channel_levels(levels, c), bias)
+        image = render(rng, label_map, _channel_levels(levels, c), bias)
         rel = f"images{split}/{name}.nii.gz" if channels == 1 else f"images{split}/{name}_{c:04d}.nii.gz"
         write_nifti(image, affine, root / rel, dtype=np.float32)
         files.append(rel)
@@ -324,7 +330,7 @@ def _nested(
         child_axes = np.maximum(parent_axes * share, spacing_arr.max())
         slack = np.maximum(parent_axes - child_axes - gap, 0.0)
         blobs.append((parent_centre + rng.uniform(-0.3, 0.3, size=len(size)) * slack, child_axes))
-    return _rasterize(size, spacing_arr, blobs)
+    return rasterize(size, spacing_arr, blobs)
 
 
 def _classification_radius(size: Sequence[int], spacing: Sequence[float], classes: int, k: int) -> float:
@@ -376,7 +382,7 @@ def _place_and_rasterize(
             else:
                 break
         if len(blobs) == len(radii):
-            return _rasterize(size, spacing_arr, blobs)
+            return rasterize(size, spacing_arr, blobs)
         scale *= 0.9
     raise ValueError(
         f"make_synthetic: cannot fit {len(radii)} structures into size {tuple(size)}; use a larger size"
@@ -397,7 +403,7 @@ def _body(
     return centre, axes
 
 
-def _unit_directions(dims: int) -> np.ndarray:
+def unit_directions(dims: int) -> np.ndarray:
     """Directions spread evenly over the unit circle (2D, 90) or sphere (3D, 400, Fibonacci lattice): ``(N, dims)``."""
     if dims == 2:
         angle = np.linspace(0.0, 2.0 * np.pi, 90, endpoint=False)
@@ -413,11 +419,11 @@ def _inside(body: tuple[np.ndarray, np.ndarray], centre: np.ndarray, axes: np.nd
     """Whether the ellipsoid ``(centre, axes)``, grown by ``gap`` mm, lies inside the ellipsoid ``body``
     (checked on a dense set of its surface points)."""
     body_centre, body_axes = body
-    surface = centre + _unit_directions(len(centre)) * (axes + gap)
+    surface = centre + unit_directions(len(centre)) * (axes + gap)
     return bool(np.all((((surface - body_centre) / body_axes) ** 2).sum(axis=1) <= 1.0))
 
 
-def _rasterize(
+def rasterize(
     size: Sequence[int], spacing: np.ndarray, blobs: list[tuple[np.ndarray, np.ndarray]]
 ) -> np.ndarray:
     """Label map ``(X, Y[, Z])`` with ellipsoid ``i`` (centre, semi-axes in mm) drawn as value ``i + 1``."""
@@ -431,7 +437,7 @@ def _rasterize(
     return label
 
 
-def _bias_field(rng: np.random.Generator, size: Sequence[int]) -> np.ndarray:
+def bias_field(rng: np.random.Generator, size: Sequence[int]) -> np.ndarray:
     """Smooth multiplicative field ``(X, Y[, Z])``: ``exp`` of a random quadratic.
 
     It stays within [0.68, 1.48] even in the corners and varies by about +-10% over most of the image, less than
@@ -458,7 +464,7 @@ def _render_ct(rng: np.random.Generator, label: np.ndarray, body: np.ndarray, hu
     return np.maximum(clean + noise, _CT_FLOOR_HU).astype(np.float32)
 
 
-def _render(rng: np.random.Generator, label: np.ndarray, levels: np.ndarray, bias: np.ndarray) -> np.ndarray:
+def render(rng: np.random.Generator, label: np.ndarray, levels: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """Image ``(X, Y[, Z])`` float32: class intensities, partial-volume blur, bias field, Gaussian noise."""
     clean = gaussian_filter(levels[label].astype(np.float32), sigma=0.4)
     noise = rng.normal(0.0, _NOISE_SIGMA, size=label.shape).astype(np.float32)

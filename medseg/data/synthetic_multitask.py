@@ -21,7 +21,6 @@ axis, non-zero origin, anisotropic 3D spacing) and default sizes are the segment
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,16 @@ from typing import Any
 import numpy as np
 
 from medseg.data.datalist import MULTITASK
-from medseg.data.io import atomic_path, write_nifti
+from medseg.data.io import write_nifti
 from medseg.data.synthetic import (
     DEFAULT_SIZE,
     DEFAULT_SPACING,
-    _bias_field,
-    _rasterize,
-    _render,
-    _unit_directions,
+    bias_field,
+    rasterize,
+    render,
     synthetic_affine,
+    unit_directions,
+    write_description,
 )
 
 LABELS = {"0": "background", "1": "lesion"}
@@ -116,10 +116,7 @@ def make_multitask(
         "training": training,
         "test": test,
     }
-    path = root / "dataset.json"
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    return write_description(root, meta)
 
 
 def _write_case(root: Path, split: str, index: int, patient: int, size: tuple[int, ...],
@@ -129,7 +126,7 @@ def _write_case(root: Path, split: str, index: int, patient: int, size: tuple[in
     image_class = patient_class(patient)
     lesion = _lesion(rng, size, np.asarray(spacing, dtype=np.float64), malignant=image_class == 1)
     levels = np.array([rng.uniform(*_TISSUE), rng.uniform(*_LEVEL[image_class])])
-    image = _render(rng, lesion, levels, _bias_field(rng, size))
+    image = render(rng, lesion, levels, bias_field(rng, size))
     name = f"case_{index:03d}"
     entry = {"image": f"images{split}/{name}.nii.gz", "label": f"labels{split}/{name}.nii.gz",
              "class": image_class, "patient": f"p{patient:03d}"}
@@ -159,10 +156,10 @@ def _lesion(rng: np.random.Generator, size: Sequence[int], spacing: np.ndarray, 
     centre = rng.uniform(reach, extent - spacing - reach)
     blobs = [(centre, axes)]
     if malignant:
-        directions = _unit_directions(dims)
+        directions = unit_directions(dims)
         for direction in directions[rng.choice(len(directions), size=_LOBES, replace=False)]:
             blobs.append((centre + direction * axes, lobe_axes * rng.uniform(0.8, 1.2, size=dims)))
-    return np.minimum(_rasterize(size, spacing, blobs), 1).astype(np.uint8)
+    return np.minimum(rasterize(size, spacing, blobs), 1).astype(np.uint8)
 
 
 def _reach(spacing: np.ndarray, axes: np.ndarray, lobe_axes: np.ndarray | None) -> np.ndarray:

@@ -135,7 +135,8 @@ def run_dataset_benchmark(
 
 def _fold_ensemble_rows(spec: Any, runs: dict[str, dict[str, Any]], output: Path) -> list[dict[str, Any]]:
     """Each model's folds as one ensemble on the labelled ``test`` cases (none: no such rows)."""
-    from medseg.evaluation.evaluate import evaluate_classification, evaluate_segmentation
+    from medseg.evaluation.classes import evaluate_classification
+    from medseg.evaluation.evaluate import evaluate_segmentation
     from medseg.inference.batch import PredictOptions, predict_batch
 
     test = [c for c in spec.test if c["label"] is not None]

@@ -5,7 +5,7 @@ Output folder::
 
     segmentation/     per_case.csv, summary.csv, summary.json (:func:`medseg.evaluation.evaluate.evaluate_segmentation`)
     classification/   summary.json, summary.csv, roc.png, reliability.png, confusion.png, patients.csv
-                      (:func:`medseg.evaluation.evaluate.score_classes`)
+                      (:func:`medseg.evaluation.classes.score_classes`)
     summary.json      {"segmentation": ..., "classification": ..., "cases", "missing_predictions"}
 
 The scored cases are the dataset's test cases that carry a label map or a class, else its training cases (as
@@ -24,13 +24,8 @@ from typing import Any
 
 from medseg.data.datalist import MULTITASK, load_dataset
 from medseg.data.io import DEFAULT_MAX_VOXELS, atomic_path
-from medseg.evaluation.evaluate import (
-    check_class_indices,
-    evaluate_segmentation,
-    nan_to_none,
-    prediction_files,
-    score_classes,
-)
+from medseg.evaluation.classes import check_class_indices, score_classes
+from medseg.evaluation.evaluate import evaluate_segmentation, nan_to_none, prediction_files
 from medseg.evaluation.patients import patient_line
 from medseg.metrics.conventions import EmptyMaskRules
 
