@@ -44,7 +44,20 @@ DATA = {  # (task, dims): make_synthetic arguments, with held-out test cases
     ("seg", 3): {"dims": 3, "cases": 8, "classes": 2, "task": "seg", "size": (48, 48, 32), "test_cases": 4},
     ("cls", 2): {"dims": 2, "cases": 32, "classes": 2, "task": "cls", "size": (64, 64), "test_cases": 12},
     ("cls", 3): {"dims": 3, "cases": 16, "classes": 2, "task": "cls", "size": (32, 32, 32), "test_cases": 8},
+    ("mtl", 2): {"dims": 2, "cases": 24, "size": (64, 64), "test_cases": 8},
+    ("enh", 2): {"dims": 2, "cases": 16, "size": (64, 64), "test_cases": 6},
 }
+
+
+def make_data(kind: tuple[str, int], root: Path) -> None:
+    """The synthetic dataset of a config kind (``DATA``), seed 7."""
+    if kind[0] == "mtl":
+        from medseg.data.synthetic_multitask import make_multitask as make
+    elif kind[0] == "enh":
+        from medseg.data.synthetic_enhance import make_enhancement as make
+    else:
+        make = make_synthetic
+    make(root, seed=7, **DATA[kind])
 
 
 class SampleCounter(pl.Callback):
@@ -84,7 +97,7 @@ def max_time(seconds: int) -> str:
 
 
 def kind_of(config: str) -> tuple[str, int]:
-    """``("seg" | "cls", dims)`` from a config's name (``seg2d_unet`` -> ``("seg", 2)``)."""
+    """``("seg" | "cls" | "mtl" | "enh", dims)`` from a config's name (``seg2d_unet`` -> ``("seg", 2)``)."""
     return config[:3], int(config[3])
 
 
@@ -103,6 +116,18 @@ def run_one(config: str, root: Path, work: Path, seconds: int) -> dict:
     if task == "seg":
         summary = evaluate_segmentation(out, root / "dataset.json", work / "evaluation")
         score = ("Dice", summary["foreground_mean"]["dice"])
+    elif task == "mtl":  # the label maps' Dice, and the classes' accuracy beside it
+        from medseg.evaluation.multitask import evaluate_multitask
+        from medseg.metrics.conventions import EmptyMaskRules
+
+        summary = evaluate_multitask(out, root / "dataset.json", work / "evaluation", 1.0, EmptyMaskRules())
+        score = (f"accuracy {summary['classification']['accuracy']:.3f}, Dice",
+                 summary["segmentation"]["foreground_mean"]["dice"])
+    elif task == "enh":  # PSNR of the enhanced images (the degraded inputs' beside it)
+        from medseg.evaluation.enhancement import evaluate_enhancement
+
+        summary = evaluate_enhancement(out, root / "dataset.json", work / "evaluation")
+        score = (f"PSNR (input {summary['psnr_input']['mean']:.1f} dB)", summary["psnr"]["mean"])
     else:
         truth = {case["id"]: int(case["label"]) for case in load_dataset(root / "dataset.json").test}
         names = load_model(result.best).label_names
@@ -132,7 +157,7 @@ def main() -> None:
             kind = kind_of(config)
             if kind not in roots:
                 roots[kind] = tmp / f"data_{kind[0]}{kind[1]}"
-                make_synthetic(roots[kind], seed=7, **DATA[kind])
+                make_data(kind, roots[kind])
             try:
                 rows.append(run_one(config, roots[kind], tmp / config, seconds))
             except Exception as err:  # one config failing is a row, not the end of the table

@@ -259,6 +259,104 @@ def test_label_condition_on_a_dataset_without_labels_is_refused(enh2d_root: Path
     assert "condition: label needs a label map in every training case" in err[-1]
 
 
+def _fit(root: Path, tmp_path: Path, *extra: str) -> int:
+    """``medseg fit`` of the pix2pix config with a tiny generator on 32x32 patches, one epoch unless told."""
+    from medseg.cli import main
+    from medseg.resume import RUN_FOLDER_ENV
+
+    with pytest.MonkeyPatch.context() as monkeypatch:  # the run folder the CLI claims is not left to later tests
+        monkeypatch.setenv(RUN_FOLDER_ENV, "{}")
+        return _main_fit(main, root, tmp_path, *extra)
+
+
+def _main_fit(main: Any, root: Path, tmp_path: Path, *extra: str) -> int:
+
+    return main(["fit", "--config", str(CONFIGS / "enh2d_pix2pix.yaml"), "--data.root", str(root),
+                 "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.accelerator", "cpu",
+                 "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                 "--model.init_args.network_args", '{"channels": [4, 8, 16]}', "--data.patch_size", "[32, 32]",
+                 "--data.batch_size", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.max_epochs", "1",
+                 *extra])
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    (("--trainer.gradient_clip_val", "1.0"), "trainer.gradient_clip_val 1.0: Lightning cannot clip"),
+    (("--trainer.accumulate_grad_batches", "2"), "trainer.accumulate_grad_batches 2: an enhancement GAN steps"),
+    (("--trainer.max_steps", "5"), "trainer.max_steps 5: an enhancement GAN takes two optimiser steps per batch"),
+])
+def test_trainer_settings_manual_optimisation_cannot_honour(enh2d_root: Path, tmp_path: Path, setting: tuple[str, str],
+                                                            message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Lightning's own refusals of clipping and accumulation under manual optimisation are tracebacks; an odd
+    max_steps would stop after a discriminator step that its generator step then follows anyway."""
+    assert _fit(enh2d_root, tmp_path, *setting) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"medseg fit: {message}")
+    assert not list(tmp_path.glob("runs/**/*.ckpt"))
+
+
+def test_resume_from_last_continues_both_optimisers(enh2d_root: Path, tmp_path: Path) -> None:
+    """``--ckpt_path last`` restores both Adam states: after the second epoch each optimiser has stepped once per
+    batch of both epochs (a fresh state would count the second epoch's batches only)."""
+    def last() -> dict[str, Any]:
+        (path,) = tmp_path.glob("runs/*/version_0/checkpoints/last.ckpt")
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    assert _fit(enh2d_root, tmp_path) == 0
+    first = last()
+    batches = first["global_step"] // 2  # one discriminator and one generator step per batch
+    assert batches >= 1 and first["epoch"] == 0
+    assert [float(s["state"][0]["step"]) for s in first["optimizer_states"]] == [batches, batches]
+    assert _fit(enh2d_root, tmp_path, "--trainer.max_epochs", "2", "--ckpt_path", "last") == 0
+    second = last()
+    assert second["epoch"] == 1 and second["global_step"] == 4 * batches
+    assert [float(s["state"][0]["step"]) for s in second["optimizer_states"]] == [2 * batches, 2 * batches]
+    assert not list(tmp_path.glob("runs/*/version_1"))  # the same run went on
+
+
+def _logged_evaluation(model: EnhancementModule, batch: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The names ``model._evaluate`` logs for one validation batch."""
+    logged: set[str] = set()
+    monkeypatch.setattr(model, "log", lambda name, *args, **kwargs: logged.add(name))
+    model._evaluate(batch, "val")
+    return logged
+
+
+def test_validation_metrics_are_per_case_over_every_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two cases of two channels; the untrained residual generator is the identity, so the generated image is the
+    input: val/psnr is the mean over cases of each case's PSNR over both channels, val/ssim the mean of each
+    case's channel SSIMs."""
+    from monai.metrics import SSIMMetric
+
+    model = EnhancementModule(in_channels=2, roi_size=[32, 32], network_args={"channels": [4, 8, 16]})
+    generator = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 2, 32, 32, generator=generator)
+    image = (target + 0.1 * torch.randn(2, 2, 32, 32, generator=generator)).clamp(0, 1)
+    image[1, 1] = target[1, 1]  # the second case's second channel is exact: its PSNR is not that of one channel
+    logged = _logged_evaluation(model, {"image": image, "target": target}, monkeypatch)
+    assert {"val/psnr", "val/ssim", "val/l1", "val/psnr_input"} == logged
+    cases = [_psnr(image[i].numpy(), target[i].numpy()) for i in range(2)]
+    assert float(model.eval_metrics["val_psnr"].compute()) == pytest.approx(np.mean(cases), abs=1e-3)
+    assert float(model.eval_metrics["val_psnr_input"].compute()) == pytest.approx(np.mean(cases), abs=1e-3)
+    one = SSIMMetric(spatial_dims=2, data_range=1.0)
+    channels = [float(one(image[i:i + 1, c:c + 1], target[i:i + 1, c:c + 1])) for i in range(2) for c in range(2)]
+    assert channels[3] == pytest.approx(1.0)
+    assert float(model.eval_metrics["val_ssim"].compute()) == pytest.approx(np.mean(channels), abs=1e-4)
+
+
+def test_psnr_label_is_logged_for_a_batch_without_structures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP a metric one process logs must be logged by every process (each takes part in its sync), so a
+    batch whose cases have no labelled voxels logs val/psnr_label too, without a value."""
+    model = EnhancementModule(roi_size=[32, 32], network_args={"channels": [4, 8, 16]})
+    batch = {"image": torch.rand(1, 1, 32, 32), "target": torch.rand(1, 1, 32, 32),
+             "label": torch.zeros(1, 1, 32, 32)}
+    assert "val/psnr_label" in _logged_evaluation(model, batch, monkeypatch)
+    assert int(model.eval_metrics["val_psnr_label"].weight) == 0  # no value: the mean has nothing in it
+    batch["label"][0, 0, 4:12, 4:12] = 1
+    _logged_evaluation(model, batch, monkeypatch)
+    inside = _psnr(batch["image"][0, 0, 4:12, 4:12].numpy(), batch["target"][0, 0, 4:12, 4:12].numpy())
+    assert float(model.eval_metrics["val_psnr_label"].compute()) == pytest.approx(inside, abs=1e-3)
+
+
 # -- learning (slow) -------------------------------------------------------------------------------------------
 
 

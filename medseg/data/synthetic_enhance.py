@@ -35,7 +35,6 @@ Case ``i`` depends only on ``(seed, i)``: the same seed always gives the same fi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from scipy.ndimage import gaussian_filter
 
 from medseg.data.datalist import ENHANCEMENT
 from medseg.data.io import write_nifti
-from medseg.data.synthetic import DEFAULT_SIZE, DEFAULT_SPACING, synthetic_affine
+from medseg.data.synthetic import DEFAULT_SIZE, DEFAULT_SPACING, synthetic_affine, write_description
 
 MIN_SIDE = 16
 _LOOKS = 4.0
@@ -104,9 +103,7 @@ def make_enhancement(out: str | Path, dims: int = 2, cases: int = 8, seed: int =
         "training": training,
         "test": test,
     }
-    path = root / "dataset.json"
-    path.write_text(json.dumps(meta, indent=2) + "\n")
-    return path
+    return write_description(root, meta)
 
 
 def _write_case(root: Path, split: str, index: int, seed: int, size: tuple[int, ...], affine: np.ndarray

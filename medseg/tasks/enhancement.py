@@ -17,8 +17,10 @@ loss (binary cross-entropy on logits, pix2pix's ``gan_mode: vanilla``): the disc
 ``(BCE(D(c, y), 1) + BCE(D(c, G(c)), 0)) / 2`` and the generator ``adversarial_weight * BCE(D(c, G(c)), 1) +
 l1_weight * |G(c) - y|``. Both optimisers come from ``optimizer`` (pix2pix: Adam, lr 2e-4, betas (0.5, 0.999); the
 shipped configs take lr 1e-3, which converges faster on their small images). Lightning's ``global_step`` counts
-both steps, so it grows by 2 per batch (mind it in ``max_steps``). No learning-rate scheduler. Under DDP the
-strategy must find unused parameters (``ddp_find_unused_parameters_true``): each step leaves one network unused.
+both steps, so it grows by 2 per batch (an odd ``max_steps`` is refused). No learning-rate scheduler, and, as
+Lightning cannot do them for manual optimisation, no ``gradient_clip_val`` nor ``accumulate_grad_batches`` (each
+refused in one line). Under DDP the strategy must find unused parameters (``ddp_find_unused_parameters_true``):
+each step leaves one network unused.
 
 Validation generates whole images with the sliding window prediction uses (:mod:`medseg.inference.window`: the
 training patch as roi, Gaussian blending) and logs ``val/psnr``, ``val/ssim`` (MONAI, ``data_range``) and ``val/l1``
@@ -39,14 +41,16 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import PSNRMetric, SSIMMetric
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import MeanMetric
 
 from medseg.errors import ConfigError
 from medseg.inference.window import Window, stitch
-from medseg.models import create_model, get_model_spec
-from medseg.models.generator import CONDITIONS, generator_output, one_hot_condition
+from medseg.models import create_model
+from medseg.models.generator import generator_output, one_hot_condition
 from medseg.models.patchgan import PatchDiscriminator
 from medseg.tasks.base import NOT_SAVED, MedSegModule
+from medseg.tasks.enhancement_options import check_options, check_trainer
 
 METRICS = ("psnr", "ssim", "l1", "psnr_input", "psnr_label")
 
@@ -107,8 +111,8 @@ class EnhancementModule(MedSegModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        _check_options(network, network_args, condition, residual, regions or region_order or class_names,
-                       scheduler, channels_last, data_range, l1_weight, adversarial_weight)
+        check_options(network, network_args, condition, residual, regions or region_order or class_names,
+                      scheduler, channels_last, data_range, l1_weight, adversarial_weight)
         self.save_hyperparameters(ignore=list(NOT_SAVED + ("regions", "region_order", "class_names",
                                                             "channels_last")))
         gen_in = num_classes if condition == "label" else in_channels
@@ -150,6 +154,13 @@ class EnhancementModule(MedSegModule):
                           window_device=self.device)
         finally:
             self.net.train(was_training)
+
+    def configure_callbacks(self) -> list[Any]:
+        """No callbacks: Lightning calls this hook before it checks its trainer settings, so here :meth:`fit`
+        refuses in one line the settings manual optimisation cannot honour (Lightning's own refusal is a traceback)."""
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            check_trainer(self.trainer)
+        return []
 
     def on_fit_start(self) -> None:
         """Fail before training, in one line, on a dataset without label maps for ``condition: label``, a patch
@@ -231,11 +242,11 @@ class EnhancementModule(MedSegModule):
         for name, value in values.items():
             value = value.reshape(-1)
             value = value[~torch.isnan(value)]  # psnr_label of a case without structures
-            if not value.numel():
-                continue
             metric = self.eval_metrics[f"{stage}_{name}"]
             for case_value in value:
                 metric.update(case_value.to(self.device))
+            # Logged even without a value (a batch of cases without structures): under DDP every process must
+            # take part in the epoch-end sync of each metric one of them logs.
             self.log(f"{stage}/{name}", metric, prog_bar=name == "psnr", on_epoch=True, batch_size=target.shape[0])
 
     def _input_in_target_units(self) -> bool:
@@ -272,31 +283,3 @@ def _start_constant(net: torch.nn.Module, value: float) -> None:
             convolutions[-1].weight.zero_()
             if convolutions[-1].bias is not None:
                 convolutions[-1].bias.fill_(value)
-
-
-def _check_options(network: str, network_args: dict[str, Any] | None, condition: str, residual: bool,
-                   segmentation_only: Any, scheduler: Any, channels_last: bool, data_range: float, l1_weight: float,
-                   adversarial_weight: float) -> None:
-    """Refuse, in one line, options an enhancement model cannot honour."""
-    if condition not in CONDITIONS:
-        raise ConfigError(f"condition must be one of {list(CONDITIONS)}, got {condition!r}")
-    if condition == "label" and residual:
-        raise ConfigError("condition: label generates an image from a label map, with nothing to add the output to: "
-                          "set residual: false (residual is for condition: image)")
-    if segmentation_only:
-        raise ConfigError("regions and image-level classes are for segmentation and multitask datasets; an "
-                          "enhancement dataset cannot declare them")
-    if scheduler is not None:
-        raise ConfigError("EnhancementModule takes no learning-rate scheduler (its two optimisers keep the "
-                          "optimizer's rate); remove model.init_args.scheduler")
-    if channels_last:
-        raise ConfigError("EnhancementModule does not support channels_last; set it to false")
-    if not data_range > 0 or l1_weight < 0 or adversarial_weight < 0:
-        raise ConfigError(f"need data_range > 0 and non-negative loss weights, got data_range {data_range}, "
-                          f"l1_weight {l1_weight}, adversarial_weight {adversarial_weight}")
-    if (network_args or {}).get("deep_supervision"):
-        raise ConfigError("an enhancement generator gives one image: deep_supervision is for segmentation")
-    spec = get_model_spec(network)
-    if spec.task != "segmentation":
-        raise ConfigError(f"network {network!r} is a {spec.task} network; an enhancement generator maps an image "
-                          "to an image: use a segmentation network such as unet")
