@@ -19,7 +19,8 @@ def check_trainer(trainer: Any) -> None:
         raise ConfigError(f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches}: an enhancement GAN "
                           "steps its optimisers at every batch (manual optimisation); remove it, or raise "
                           "data.batch_size")
-    if trainer.max_steps > 0 and trainer.max_steps % 2:
+    # (fast_dev_run sets max_steps to its number of batches: a debugging run of a few batches, not a budget)
+    if trainer.max_steps > 0 and trainer.max_steps % 2 and not trainer.fast_dev_run:
         raise ConfigError(f"trainer.max_steps {trainer.max_steps}: an enhancement GAN takes two optimiser steps "
                           "per batch (discriminator, generator) and Lightning counts both; give an even number, "
                           "twice the batches to train")
