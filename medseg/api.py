@@ -216,7 +216,7 @@ def load(source: str | Path | Sequence[str | Path], device: str = "auto", runtim
     models = [load_model(path) for path in paths]
     check_compatible(models, list(paths))
     if models[0].task not in ("segmentation", "classification"):
-        raise ValueError(f"{paths[0]}: a {models[0].task} model predicts with `medseg predict --ckpt` for now; "
+        raise ValueError(f"{paths[0]}: {models[0].task} models predict with `medseg predict --ckpt` for now; "
                          "medseg.load takes segmentation and classification models")
     steps = None
     if postprocess:

@@ -238,6 +238,30 @@ def test_evaluate_scores_agree_with_references(scored: dict, capsys) -> None:
     assert {r["metric"] for r in _csv(scored["out"] / "summary.csv")} >= {"psnr", "ssim", "psnr_gain"}
 
 
+def test_predictions_of_no_case_of_the_dataset_are_refused_in_one_line(scored: dict, tmp_path: Path,
+                                                                        capsys) -> None:
+    other = tmp_path / "other"  # e.g. a multitask model's label maps, named after that dataset's cases
+    other.mkdir()
+    for name in ("case_024", "case_025"):
+        write_nifti(np.zeros((28, 24), np.uint8), np.eye(4), other / f"{name}.nii.gz")
+    (other / "predictions.csv").write_text("case,prediction\n")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--pred", str(other), "--truth", str(scored["root"]), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"{other}: none of its 2 prediction image(s) (case_024, case_025) is a case of " in err
+    assert "(c0, c1, c2, ... 1 more)" in err
+    assert not out.exists()
+
+
+def test_export_refuses_a_generator_in_one_line(tmp_path: Path, capsys) -> None:
+    checkpoint = generator_checkpoint(tmp_path / "g.ckpt", bias=0.0)
+    assert main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert f"{checkpoint}: enhancement models cannot be exported yet (its prediction is an image" in err
+
+
 def test_prediction_on_another_grid_is_refused(scored: dict, capsys) -> None:
     moved = scored["pred"] / "c1.nii.gz"
     values, affine = read_image(moved)

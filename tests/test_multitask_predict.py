@@ -136,6 +136,20 @@ def test_members_with_other_image_classes_are_refused(multitask_model: tuple[Pat
         predict_batch([checkpoint, other], images, PredictOptions(tmp_path / "p", device="cpu"))
 
 
+def test_export_and_load_refuse_a_multitask_model_in_one_line(multitask_model: tuple[Path, Path], tmp_path: Path,
+                                                               capsys) -> None:
+    import medseg
+
+    checkpoint, _ = multitask_model
+    assert main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and str(checkpoint) in err
+    assert "multitask models cannot be exported yet (its network has two outputs, a label map and a class)" in err
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(ValueError, match=r"mtl\.ckpt: multitask models predict with `medseg predict --ckpt`"):
+        medseg.load(checkpoint)
+
+
 # --- patient-level aggregation --------------------------------------------------------------------------------
 
 # (case, class, patient, p_positive); c5 has no patient id (a patient of its own); c9 is never predicted.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from medseg.commands.common import CommandError, count, doc, max_voxels_option
 
@@ -61,6 +62,6 @@ def run(argv: list[str]) -> int:
         raise CommandError(str(err)) from err
     real = written["numTraining"] - args.count
     listed = f" and {real} real case(s)" if real else ""
-    print(f"wrote {args.count} synthetic pair(s){listed}: {args.out}/dataset.json; train on them with "
+    print(f"wrote {args.count} synthetic pair(s){listed}: {Path(args.out) / 'dataset.json'}; train on them with "
           f"medseg fit --data.root {args.out}")
     return 0

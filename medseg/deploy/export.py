@@ -90,8 +90,10 @@ def export_model(
     check_compatible(models, list(checkpoints))
     first = models[0]
     if first.task not in ("segmentation", "classification"):
-        raise ValueError(f"{checkpoints[0]}: a {first.task} model cannot be exported yet (its network has more "
-                         "than one output, or its prediction is not a label map); predict with medseg predict --ckpt")
+        reason = {"multitask": "its network has two outputs, a label map and a class",
+                  "enhancement": "its prediction is an image, not a label map or a class"}.get(first.task, "")
+        raise ValueError(f"{checkpoints[0]}: {first.task} models cannot be exported yet"
+                         f"{f' ({reason})' if reason else ''}; predict with medseg predict --ckpt")
     flips = flip_sets(first.hparams["spatial_dims"], tta_axes) if tta else [()]
     steps = _postprocessing(postprocess)
     temperature = checked_temperature(str(calibration), first) if calibration else None

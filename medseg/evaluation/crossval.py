@@ -60,7 +60,7 @@ def dataset_of(configs: str | Path | list[str | Path], overrides: list[str]) -> 
     spec = load_dataset(root)
     if spec.task not in (SEGMENTATION, CLASSIFICATION):
         raise ValueError(f"{spec.source}: cross-validation and benchmarks run on segmentation and classification "
-                         f"datasets; a {spec.task} dataset trains with `medseg fit` and is scored with "
+                         f"datasets; {spec.task} datasets train with `medseg fit` and are scored with "
                          "`medseg evaluate`")
     return spec
 

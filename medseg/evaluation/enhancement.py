@@ -79,6 +79,10 @@ def evaluate_enhancement(predictions: str | Path, truth: str | Path, output: str
     multichannel = len(spec.channel_names) > 1  # then the last axis of every image holds the channels
     found = {case_id(p): p for p in predictions.glob("*") if is_image_file(p) and not p.name.startswith(".")}
     matched = sorted(set(references) & set(found))
+    if not matched:
+        raise InputError(f"{predictions}: none of its {len(found)} prediction image(s) ({_some(found)}) is a case "
+                         f"of {spec.source} ({_some(references)}); give the folder medseg predict wrote for that "
+                         "dataset's images")
     if data_range is not None and not (math.isfinite(data_range) and data_range > 0):
         raise ValueError(f"--data-range must be a positive number (the targets' intensity range), got {data_range}")
     if data_range is None:
@@ -162,6 +166,12 @@ def _finite_and_whole(image: np.ndarray, file: str | Path) -> bool:
             raise InputError(f"{file}: NaN or infinite voxels; PSNR and SSIM need finite values")
         whole = whole and bool(np.array_equal(part, np.rint(part)))
     return whole
+
+
+def _some(names: dict[str, Any], shown: int = 3) -> str:
+    """The first ``shown`` of ``names`` in order, then how many more; "none" when there are none."""
+    first = sorted(names)[:shown]
+    return (", ".join(first) + (f", ... {len(names) - shown} more" if len(names) > shown else "")) if first else "none"
 
 
 def _value_span(image: np.ndarray) -> str:

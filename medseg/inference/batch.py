@@ -137,8 +137,9 @@ def predict_batch(
         check_generators(models, checkpoints, options)
     _flips(models[0], options)
     if options.output_format == "dicom-seg" and models[0].task != "segmentation":
-        raise ValueError(f"--output-format dicom-seg: a DICOM SEG holds segments, and {checkpoints[0]} is a "
-                         f"{models[0].task} model; use --output-format nifti")
+        article = "an" if models[0].task[0] in "aeiou" else "a"
+        raise ValueError(f"--output-format dicom-seg: a DICOM SEG holds segments, and {checkpoints[0]} is "
+                         f"{article} {models[0].task} model; use --output-format nifti")
     if options.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {options.precision!r}")
     if options.nonfinite not in NONFINITE_MODES:

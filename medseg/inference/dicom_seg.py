@@ -43,8 +43,8 @@ def check_seg_source(images: Sequence[str], task: str, max_voxels: int = DEFAULT
     slice without FrameOfReferenceUID, StudyInstanceUID or PatientID). Reads the headers only."""
     source = str(images[0])
     if task != "segmentation":
-        raise InputError(f"{source}: --output-format dicom-seg is for segmentation models; this one is a {task} "
-                         "model")
+        raise InputError(f"{source}: --output-format dicom-seg is for segmentation models; this one is a model of "
+                         f"the {task} task")
     if not is_dicom_series(source):
         raise InputError(f"{source}: --output-format dicom-seg needs a DICOM series folder as input (a SEG "
                          "references its source images); predict this file with --output-format nifti")

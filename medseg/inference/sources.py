@@ -49,7 +49,7 @@ def check_compatible(models: list[LoadedModel], paths: list[str | Path]) -> None
             if model.hparams[key] != first.hparams[key]:
                 raise ValueError(f"{path}: {key} {model.hparams[key]} differs from {paths[0]} ({first.hparams[key]})")
         if model.task != first.task:
-            raise ValueError(f"{path}: a {model.task} model cannot join a {first.task} ensemble")
+            raise ValueError(f"{path}: {model.task} models cannot join an ensemble of {first.task} models")
         if model.task == "segmentation" and model.outputs != first.outputs:
             raise ValueError(f"{path}: its outputs ({_describe(model)}) differ from {paths[0]} ({_describe(first)})")
 
@@ -68,7 +68,7 @@ def _temperature_of(calibration: str, task: str, activation: str, stamp: int) ->
 
     fitted = load_calibration(calibration)
     if fitted.get("task", task) != task:
-        raise ValueError(f"{calibration}: fitted for a {fitted['task']} model, but this one is a {task} model")
+        raise ValueError(f"{calibration}: fitted for a {fitted['task']} model, but this one is a model of the {task} task")
     if fitted["activation"] != activation:
         raise ValueError(f"{calibration}: fitted on {fitted['activation']} outputs, but this model's are {activation}")
     return float(fitted["temperature"])
