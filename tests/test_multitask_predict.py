@@ -364,3 +364,36 @@ def test_label_maps_of_a_multitask_folder_score_against_a_folder_of_labels(
     summary = json.loads((multitask_folder / "e" / "summary.json").read_text())
     assert code == 1 and summary["cases"] == 2 and summary["foreground_mean"]["dice"] == 1.0  # t1, t2 missing
     assert "missing predictions: t1, t2" in err
+
+
+def test_predict_runs_the_encoder_once_per_window(multitask_model: tuple[Path, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The class head is read from the segmentation's own window pass (forward_with_class), not from a second
+    pass over the windows: predict never calls classify or the segmentation-only forward, and its rows still equal
+    the direct computation."""
+    from medseg.cli import main
+    from medseg.models.multitask import MultiTaskUNet
+
+    checkpoint, images = multitask_model
+    calls = {"both": 0}
+    both, classify = MultiTaskUNet.forward_with_class, MultiTaskUNet.classify
+
+    def counted(self: MultiTaskUNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["both"] += 1
+        return both(self, x)
+
+    def refused(self: MultiTaskUNet, x: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a second pass over the windows")
+
+    monkeypatch.setattr(MultiTaskUNet, "forward_with_class", counted)
+    monkeypatch.setattr(MultiTaskUNet, "classify", refused)
+    monkeypatch.setattr(MultiTaskUNet, "forward", refused)
+    assert main(["predict", "--ckpt", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "p"),
+                 "--device", "cpu"]) == 0
+    # 12x10x8 images in 8^3 windows at overlap 0.25: 2 x 2 x 1 windows, 2 per batch -> 2 calls per case
+    assert calls["both"] == 3 * 2
+    monkeypatch.setattr(MultiTaskUNet, "classify", classify)  # for the direct computation
+    rows = _rows(tmp_path / "p" / "predictions.csv")
+    for row in rows:
+        p = np.array([float(row[f"p_{n}"]) for n in CLASSES])
+        assert p == pytest.approx(_direct(checkpoint, images / f"{row['case']}.nii.gz", [()]), abs=1e-5)

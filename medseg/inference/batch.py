@@ -34,6 +34,7 @@ from medseg.errors import InputError
 from medseg.inference.cases import case_table, finish_table, pending_cases
 from medseg.inference.dicom_seg import OUTPUT_FORMATS, check_seg_source, write_dicom_seg
 from medseg.inference.ensemble import combine
+from medseg.inference.members import ImageClasses
 from medseg.inference.native import NONFINITE_MODES, LoadedModel, flip_sets
 from medseg.inference.output_folder import OutputFolder, checkpoint_facts
 from medseg.inference.pipeline import (
@@ -298,8 +299,8 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
         from medseg.inference.enhance import enhance_job
 
         return enhance_job(prepared, groups, flips, options)
-    # A multitask model's image-level classes, before `segment` frees the preprocessed image.
-    class_row = _class_row(prepared, groups, flips, options, first) if first.task == "multitask" else {}
+    # A multitask model's image-level classes come from the segmentation's own window pass.
+    image_classes = ImageClasses() if first.task == "multitask" else None
     if first.task == "classification":
         members = classify(prepared, groups, flips, options.device, options.precision)
         probabilities, label = combine([m.reshape(-1, 1) for m in members], options.ensemble)
@@ -313,7 +314,8 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
         return lambda: table.append(row) if table is not None else None
     maps = segment(prepared, groups, flips, options.device, options.precision, options.ensemble,
                    probabilities=options.save_probabilities, uncertainty=options.save_uncertainty,
-                   temperature=temperature)
+                   temperature=temperature, image_classes=image_classes)
+    class_row = _class_row(image_classes, options, first) if image_classes is not None else {}
     # What waits for the writer holds no view of the float32 accumulator, so that is freed now.
     if maps.probabilities is not None:
         maps.probabilities = maps.probabilities.astype(np.float16)
@@ -339,12 +341,11 @@ def _predict(prepared: PreparedCase, groups: list, first: LoadedModel, options: 
     return write
 
 
-def _class_row(prepared: PreparedCase, groups: list, flips: list[tuple[int, ...]], options: PredictOptions,
-               first: LoadedModel) -> dict[str, Any]:
+def _class_row(image_classes: ImageClasses, options: PredictOptions, first: LoadedModel) -> dict[str, Any]:
     """A multitask case's ``prediction`` and ``p_<class>`` columns (:mod:`medseg.inference.multitask`)."""
     from medseg.inference.multitask import class_row
 
-    return class_row(prepared, groups, flips, options, first)
+    return class_row(image_classes.probabilities(), options, first)
 
 
 def _temperature(options: PredictOptions, first: LoadedModel) -> float:

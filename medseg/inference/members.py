@@ -73,6 +73,39 @@ def autocast_for(device: str | torch.device, dtype: torch.dtype | None) -> Calla
     return lambda: torch.autocast(kind, dtype=dtype)
 
 
+class ImageClasses:
+    """Image-level class probabilities of a multitask model's members, summed over the windows of the
+    segmentation's own sliding window (so each window runs the encoder once, for both heads).
+
+    A :class:`MemberWindows` given one calls each network's ``forward_with_class`` and adds, per member, the
+    softmax of the class logits of every window; :meth:`probabilities` is then each member's mean over its
+    windows, every window counting the same (no Gaussian weighting), as
+    :func:`medseg.models.multitask.case_class_probabilities` computes it.
+    """
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor | None] = []
+        self.windows: list[int] = []
+
+    def open(self, members: int) -> int:
+        """Room for ``members`` more members; returns the index of the first."""
+        self.sums += [None] * members
+        self.windows += [0] * members
+        return len(self.sums) - members
+
+    def add(self, member: int, class_logits: torch.Tensor) -> None:
+        """Fold ``(N, K)`` class logits of ``N`` windows into ``member``'s sum."""
+        summed = torch.softmax(class_logits.float(), dim=1).sum(dim=0).cpu()
+        self.sums[member] = summed if self.sums[member] is None else self.sums[member] + summed
+        self.windows[member] += class_logits.shape[0]
+
+    def probabilities(self) -> list:
+        """One ``(K,)`` float32 numpy array per member, in member order."""
+        if not self.sums or any(total is None for total in self.sums):
+            raise ValueError("no window was classified")
+        return [(total / count).numpy() for total, count in zip(self.sums, self.windows, strict=True)]
+
+
 class MemberWindows:
     """``(N, C, *roi)`` windows -> ``(N, layout.size, *roi)`` float32 statistics of every member.
 
@@ -82,6 +115,8 @@ class MemberWindows:
         outputs: how logits become probabilities and votes.
         layout: which statistics to keep.
         autocast: factory of the precision context each forward pass runs in.
+        image_classes: for multitask networks (``forward_with_class``): where each member's image-level class
+            probabilities are summed, from the same forward pass as the segmentation.
     """
 
     def __init__(
@@ -91,10 +126,13 @@ class MemberWindows:
         outputs: OutputSpec,
         layout: Layout,
         autocast: Callable[[], Any] = contextlib.nullcontext,
+        image_classes: ImageClasses | None = None,
     ) -> None:
         if not nets or not flips:
             raise ValueError("an ensemble needs at least one network and one flip")
         self.nets, self.flips, self.outputs, self.layout, self.autocast = list(nets), list(flips), outputs, layout, autocast
+        self.image_classes = image_classes
+        self.first_member = image_classes.open(self.members) if image_classes is not None else 0
 
     @property
     def members(self) -> int:
@@ -109,7 +147,12 @@ class MemberWindows:
             for flip in self.flips:
                 dims = [axis + 2 for axis in flip]
                 with self.autocast():
-                    logits = net(torch.flip(window, dims) if dims else window)
+                    x = torch.flip(window, dims) if dims else window
+                    if self.image_classes is None:
+                        logits = net(x)
+                    else:
+                        logits, class_logits = net.forward_with_class(x)
+                        self.image_classes.add(self.first_member + count, class_logits)
                 p = self.outputs.activate(logits)
                 if dims:
                     p = torch.flip(p, dims)

@@ -1,11 +1,13 @@
 """The image-level classes of a multitask model (joint segmentation and classification) in ``medseg predict``.
 
-A multitask network segments through ``forward`` (its label maps take the segmentation path unchanged) and
-classifies the whole image through ``classify``. A case's class probabilities are, per member (each model of
-each group x each test-time flip of the input), :func:`medseg.models.multitask.case_class_probabilities` on the
-group's preprocessed image: the mean of the softmax over the sliding windows the segmentation uses (the training
-patch, overlap and window batch of the checkpoint), under the same autocast. Members are combined as a
-classifier's are (:func:`medseg.inference.ensemble.combine`: mean, or ``--ensemble vote``).
+A multitask network segments through ``forward`` and classifies through ``classify``; ``forward_with_class``
+gives both from one encoder pass. ``medseg predict`` runs it in the segmentation's own sliding window
+(:func:`medseg.inference.pipeline.segment` with an :class:`~medseg.inference.members.ImageClasses`), so a case's
+class probabilities are, per member (each model of each group x each test-time flip, the window flipped as the
+segmentation flips it), the mean of the softmax over those windows: what
+:func:`medseg.models.multitask.case_class_probabilities` computes (validation calls it), without running the
+encoder a second time. Members are combined as a classifier's are (:func:`medseg.inference.ensemble.combine`:
+mean, or ``--ensemble vote``).
 
 ``--calibration``'s temperature rescales the segmentation probabilities only: it is fitted on them, and these
 class probabilities are written as predicted.
@@ -18,12 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medseg.inference.ensemble import combine
-from medseg.inference.members import autocast_for
 from medseg.inference.native import LoadedModel
-from medseg.inference.pipeline import ModelGroup, PreparedCase, window_dtype
 
 
 def class_names(model: LoadedModel) -> list[str]:
@@ -55,36 +54,15 @@ def check_members(models: Sequence[LoadedModel], paths: Sequence[str | Path]) ->
             raise ValueError(f"{path}: its segmentation outputs differ from {paths[0]}'s")
 
 
-@torch.no_grad()
-def member_probabilities(prepared: PreparedCase, groups: Sequence[ModelGroup],
-                         flips: Sequence[tuple[int, ...]] = ((),), device: str | torch.device = "cpu",
-                         precision: str = "auto") -> list[np.ndarray]:
-    """Image-level class probabilities ``(K,)`` of one case, one float32 array per member (model x flip)."""
-    from medseg.models.multitask import case_class_probabilities
-
-    members = []
-    for group in groups:
-        x = prepared.inputs[group.key].as_tensor()[None].to(device)
-        for model in group.models:
-            window = model.window
-            autocast = autocast_for(device, window_dtype(precision, device, model.precision))
-            for flip in flips:
-                image = torch.flip(x, [a + 2 for a in flip]) if flip else x
-                with autocast():
-                    p = case_class_probabilities(model.net, image, window.roi, window.overlap, window.batch_size)
-                members.append(torch.as_tensor(p).detach().float().cpu().numpy().reshape(-1))
-    return members
-
-
-def class_row(prepared: PreparedCase, groups: Sequence[ModelGroup], flips: Sequence[tuple[int, ...]],
-              options: Any, first: LoadedModel) -> dict[str, Any]:
+def class_row(members: Sequence[np.ndarray], options: Any, first: LoadedModel) -> dict[str, Any]:
     """A case's ``predictions.csv`` columns: ``prediction`` (a class name) and ``p_<class>`` in class order.
 
     Args:
-        options: the run's :class:`~medseg.inference.batch.PredictOptions` (device, precision, ensemble).
+        members: each member's ``(K,)`` class probabilities (:meth:`ImageClasses.probabilities
+            <medseg.inference.members.ImageClasses.probabilities>`).
+        options: the run's :class:`~medseg.inference.batch.PredictOptions` (its ``ensemble``).
     """
     names = class_names(first)
-    members = member_probabilities(prepared, groups, flips, options.device, options.precision)
     if any(m.shape != (len(names),) for m in members):
         shapes = sorted({m.shape for m in members})
         raise ValueError(f"the network's classify() gave {shapes} class probabilities for {len(names)} classes "

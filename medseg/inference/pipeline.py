@@ -27,7 +27,7 @@ from medseg.data.io import DEFAULT_MAX_VOXELS
 from medseg.data.transforms import Preprocessing
 from medseg.errors import InputError
 from medseg.inference.accumulate import CaseMaps, NativeAccumulator
-from medseg.inference.members import Layout, MemberWindows, autocast_for
+from medseg.inference.members import ImageClasses, Layout, MemberWindows, autocast_for
 from medseg.inference.native import LoadedModel, NonFiniteError, check_files, check_input, preprocess_for
 from medseg.inference.window import stitch
 
@@ -140,6 +140,7 @@ def segment(
     probabilities: bool = False,
     uncertainty: bool = False,
     temperature: float = 1.0,
+    image_classes: ImageClasses | None = None,
 ) -> CaseMaps:
     """Every member of every group on one case, combined on the input's grid.
 
@@ -154,6 +155,8 @@ def segment(
         probabilities: keep the mean probabilities for writing.
         uncertainty: compute entropy, member variance and the case's doubt score.
         temperature: rescales the combined probabilities (``--calibration``; 1 = as predicted).
+        image_classes: multitask models: filled with each member's image-level class probabilities, from the
+            same window pass (:class:`~medseg.inference.members.ImageClasses`).
     """
     if ensemble not in ("mean", "vote"):
         raise ValueError(f"unknown ensemble mode {ensemble!r}; valid: ['mean', 'vote']")
@@ -166,7 +169,7 @@ def segment(
         x = prepared.inputs[group.key]
         first = group.models[0]
         autocast = autocast_for(device, window_dtype(precision, device, first.precision))
-        predictor = MemberWindows([m.net for m in group.models], flips, outputs, layout, autocast)
+        predictor = MemberWindows([m.net for m in group.models], flips, outputs, layout, autocast, image_classes)
         stitched = stitch(predictor, x.as_tensor()[None], first.window, layout.size, window_device=device)[0]
         stitched = stitched.cpu()
         if all(later.key != group.key for later in groups[index + 1:]):
