@@ -209,21 +209,19 @@ def make_synthetic(
         "task": task,
         "labels": {str(k): name for k, name in enumerate(label_names)},
         "channel_names": channel_names,
-        "file_ending": ".nii.gz",
-        "spacing": list(spacing),
-        "numTraining": cases,
-        "numTest": test_cases,
-        "training": training,
-        "test": test,
     }
     if regions:
         meta["regions"] = dict(NESTED_REGIONS)
         meta["regions_class_order"] = [1, 2, 3]
-    return write_description(root, meta)
+    return write_description(root, meta, spacing, training, test)
 
 
-def write_description(root: Path, meta: dict[str, Any]) -> Path:
-    """Write ``meta`` as ``root/dataset.json`` (atomically) and return its path."""
+def write_description(root: Path, meta: dict[str, Any], spacing: Sequence[float], training: list[dict[str, Any]],
+                      test: list[dict[str, Any]]) -> Path:
+    """Write ``meta`` with the keys every phantom's description has (file ending, spacing, the case lists and
+    their counts) as ``root/dataset.json``, atomically; returns its path."""
+    meta = {**meta, "file_ending": ".nii.gz", "spacing": list(spacing), "numTraining": len(training),
+            "numTest": len(test), "training": training, "test": test}
     path = root / "dataset.json"
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(meta, indent=2) + "\n")

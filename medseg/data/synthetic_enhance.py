@@ -96,14 +96,8 @@ def make_enhancement(out: str | Path, dims: int = 2, cases: int = 8, seed: int =
         "task": ENHANCEMENT,
         "labels": {"0": "background", "1": "lesion"},
         "channel_names": {"0": "US"},
-        "file_ending": ".nii.gz",
-        "spacing": list(spacing),
-        "numTraining": cases,
-        "numTest": test_cases,
-        "training": training,
-        "test": test,
     }
-    return write_description(root, meta)
+    return write_description(root, meta, spacing, training, test)
 
 
 def _write_case(root: Path, split: str, index: int, seed: int, size: tuple[int, ...], affine: np.ndarray

@@ -109,14 +109,8 @@ def make_multitask(
         "labels": dict(LABELS),
         "classes": dict(CLASSES),
         "channel_names": {"0": "MRI"},
-        "file_ending": ".nii.gz",
-        "spacing": list(spacing),
-        "numTraining": cases,
-        "numTest": test_cases,
-        "training": training,
-        "test": test,
     }
-    return write_description(root, meta)
+    return write_description(root, meta, spacing, training, test)
 
 
 def _write_case(root: Path, split: str, index: int, patient: int, size: tuple[int, ...],
